@@ -1,0 +1,128 @@
+"""``LLMTokenEnv``: one episode of the token MDP, as a plain :class:`gymnasium.Env`.
+
+It is a view of :class:`~llm_mdp.envs.vector_env.LLMTokenVectorEnv` with one row and the
+NumPy backend, so the MDP logic lives in one place. See that module for the observation
+layout and the end-of-episode rules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from llm_mdp.envs.vector_env import EnvStateError, LengthCap, LLMTokenVectorEnv
+from llm_mdp.tasks import Task
+
+
+class LLMTokenEnv(gym.Env):
+    """Text generation as a Gymnasium env: one token per step, reward only at the end.
+
+    Observation: ``{"input_ids": (W,) int64, "attention_mask": (W,) int64}`` (prompt
+    right-aligned in the first ``P`` columns, response from column ``P``). Action: a
+    token id in ``Discrete(vocab_size)``. Reward: 0.0 on every step except the last, which
+    pays the task's response-level reward ``RM(W)``. EOS ends the episode
+    (``terminated``); so does reaching ``max_response_tokens`` (``terminated`` by
+    default, ``truncated`` with ``length_cap="truncated"``).
+
+    ``reset(seed=..., options=...)`` options: ``prompt`` (text) or ``prompt_index`` (into
+    ``task.prompts``), and ``response_prefix`` (list of token ids already generated), so
+    any node of the response tree can be the start state.
+
+    When the episode ends, ``info`` holds ``prompt`` and ``response`` text and, for tasks
+    with true token-level rewards, ``token_rewards`` (length ``T``).
+    """
+
+    metadata: dict[str, Any] = {"render_modes": ["ansi", "human"], "render_fps": 4}  # noqa: RUF012
+
+    def __init__(
+        self,
+        task: Task | str = "target_token",
+        *,
+        max_response_tokens: int | None = None,
+        max_prompt_tokens: int | None = None,
+        length_cap: LengthCap = "terminated",
+        render_mode: str | None = None,
+        task_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self._vec = LLMTokenVectorEnv(
+            task,
+            1,
+            max_response_tokens=max_response_tokens,
+            max_prompt_tokens=max_prompt_tokens,
+            length_cap=length_cap,
+            device="cpu",
+            backend="numpy",
+            task_kwargs=task_kwargs,
+        )
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(
+                f"render_mode={render_mode!r}, expected one of {self.metadata['render_modes']}"
+            )
+        self.render_mode = render_mode
+        self.task = self._vec.task
+        self.tokenizer = self._vec.tokenizer
+        self.observation_space = self._vec.single_observation_space
+        self.action_space = self._vec.single_action_space
+        self.P, self.R = self._vec.P, self._vec.R
+        self._ended = False
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        super().reset(seed=seed)
+        options = dict(options or {})
+        vec_options: dict[str, Any] = {}
+        if "prompt" in options:
+            vec_options["prompts"] = [options.pop("prompt")]
+        if "prompt_index" in options:
+            vec_options["prompt_indices"] = [int(options.pop("prompt_index"))]
+        if "response_prefix" in options:
+            vec_options["response_prefix"] = [list(options.pop("response_prefix"))]
+        if options:
+            raise ValueError(
+                f"unknown reset option(s) {sorted(options)}; known: prompt, prompt_index, "
+                "response_prefix"
+            )
+        if "prompts" not in vec_options and "prompt_indices" not in vec_options:
+            n = len(self.task.prompts)
+            vec_options["prompt_indices"] = [int(self.np_random.integers(0, n))]
+        obs, _ = self._vec.reset(options=vec_options)
+        self._ended = False
+        return self._row(obs), {"prompt_index": int(self._vec.prompt_index[0])}
+
+    def step(self, action: Any) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
+        if self._ended:
+            raise EnvStateError("step() called after the episode ended; call reset() first")
+        a = np.asarray(action)
+        if a.shape not in ((), (1,)):
+            raise ValueError(f"action has shape {a.shape}, expected a single token id")
+        obs, reward, terminated, truncated, vinfo = self._vec.step(a.reshape(1))
+        term, trunc = bool(terminated[0]), bool(truncated[0])
+        self._ended = term or trunc
+        info: dict[str, Any] = {}
+        if self._ended:
+            for key in ("prompt", "response"):
+                if key in vinfo:
+                    info[key] = vinfo[key][0]
+            if "token_rewards" in vinfo:
+                n = int(self._vec.response_len[0])
+                info["token_rewards"] = vinfo["token_rewards"][0][:n]
+        if self.render_mode == "human":
+            print(self._vec.render_text())
+        return self._row(obs), float(reward[0]), term, trunc, info
+
+    def render(self) -> str | None:
+        if self.render_mode is None:
+            gym.logger.warn("render() called without a render_mode; pass render_mode='ansi'")
+            return None
+        text = self._vec.render_text()
+        if self.render_mode == "human":
+            print(text)
+            return None
+        return text
+
+    @staticmethod
+    def _row(obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: v[0] for k, v in obs.items()}

@@ -1,0 +1,446 @@
+"""The token-level MDP of text generation, natively batched on torch.
+
+State ``s_t`` = prompt + response tokens so far; action = the next token; the transition
+appends it (deterministic, so the state graph is a tree). Under the Zero-Reward
+Assumption every step pays 0.0 except the last, which pays the response-level reward
+``RM(W)`` of the finished response (paper-notes section 1).
+
+Observation layout (every row, width ``W = P + R``)::
+
+    input_ids       [pad pad p1 p2 p3 | w1 w2 pad pad pad]
+    attention_mask  [ 0   0  1  1  1  |  1  1   0   0   0 ]
+                     <---- P ------->   <------ R ------->
+
+The prompt is right-aligned in the first ``P`` columns and the response grows
+left-aligned from column ``P``. So the responses of a batch are ``input_ids[:, P:]``
+with mask ``attention_mask[:, P:]``: the final observation *is* the training batch,
+with no re-layout, and ``P`` is the same for every row.
+
+An episode ends when the policy emits EOS (``terminated``) or when the response reaches
+``max_response_tokens`` tokens. The length cap is part of the task (a finite-horizon
+MDP), so by default it also reports ``terminated``; pass ``length_cap="truncated"`` if
+you want time-limit semantics (SB3 then bootstraps a value at the cap).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from llm_mdp.tasks import ResponseBatch, Task, make_task
+from llm_mdp.utils import resolve_device
+
+LengthCap = Literal["terminated", "truncated"]
+Backend = Literal["torch", "numpy"]
+
+
+class EnvStateError(RuntimeError):
+    """``step`` called before ``reset`` or after every episode has ended."""
+
+
+class LLMTokenVectorEnv(VectorEnv):
+    """A batch of ``num_envs`` token-MDP episodes held as torch tensors on ``device``.
+
+    Args:
+        task: a :class:`~llm_mdp.tasks.Task` or the name of a built-in one.
+        num_envs: batch size ``B``.
+        max_response_tokens: length cap ``R`` (default: the task's). EOS counts.
+        max_prompt_tokens: prompt width ``P`` (default: the longest prompt of the task's
+            pool). A longer prompt given at reset raises ``ValueError``.
+        length_cap: what reaching the cap reports, ``"terminated"`` (default: the cap is
+            part of the task) or ``"truncated"`` (a time limit).
+        device: where the state lives; ``"auto"`` picks CUDA when available.
+        backend: ``"torch"`` (tensors in and out, the built-in agents' hot path) or
+            ``"numpy"`` (arrays, for Gymnasium and SB3 tooling).
+        autoreset_mode: ``DISABLED`` (default; the built-in agents run whole synchronous
+            batches: finished rows are frozen, their actions ignored, their reward 0 and
+            their done flags stay set, until ``reset``), ``SAME_STEP`` (SB3-style: a
+            finished row is reset within the same ``step``; its last observation is in
+            ``info["final_obs"]``) or ``NEXT_STEP`` (Gymnasium's default).
+        info_text: put decoded prompt and response text in ``info`` when a row finishes.
+        task_kwargs: forwarded to :func:`~llm_mdp.tasks.make_task` when ``task`` is a name.
+
+    ``reset(seed=..., options=...)`` options (all optional):
+        ``prompts``: list of prompt texts, or ``prompt_indices``: indices into
+        ``task.prompts``; ``B / group_size`` entries. Default: sampled uniformly.
+        ``group_size``: ``G``; each prompt fills ``G`` consecutive rows (GRPO groups).
+        ``response_prefix``: per row a list of response token ids to start from, so any
+        node of the response tree can be a start state (EOS not allowed inside).
+        ``reset_mask``: bool ``(B,)``: reset only these rows (others keep their state).
+    """
+
+    metadata: dict[str, Any] = {  # noqa: RUF012
+        "render_modes": ["ansi", "human"],
+        "autoreset_mode": AutoresetMode.DISABLED,
+    }
+
+    def __init__(
+        self,
+        task: Task | str,
+        num_envs: int = 1,
+        *,
+        max_response_tokens: int | None = None,
+        max_prompt_tokens: int | None = None,
+        length_cap: LengthCap = "terminated",
+        device: str | torch.device = "cpu",
+        backend: Backend = "torch",
+        autoreset_mode: AutoresetMode | str = AutoresetMode.DISABLED,
+        info_text: bool = True,
+        render_mode: str | None = None,
+        task_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.task = make_task(task, **(task_kwargs or {})) if isinstance(task, str) else task
+        if num_envs < 1:
+            raise ValueError(f"num_envs={num_envs}, expected >= 1")
+        if length_cap not in ("terminated", "truncated"):
+            raise ValueError(f"length_cap={length_cap!r}, expected 'terminated' or 'truncated'")
+        if backend not in ("torch", "numpy"):
+            raise ValueError(f"backend={backend!r}, expected 'torch' or 'numpy'")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(
+                f"render_mode={render_mode!r}, expected one of {self.metadata['render_modes']}"
+            )
+        self.num_envs = num_envs
+        self.length_cap: LengthCap = length_cap
+        self.backend: Backend = backend
+        self.device = resolve_device(device)
+        self.info_text = info_text
+        self.render_mode = render_mode
+        self.autoreset_mode = AutoresetMode(autoreset_mode)
+        self.metadata = {**self.metadata, "autoreset_mode": self.autoreset_mode}
+
+        tok = self.task.tokenizer
+        self.tokenizer = tok
+        self.vocab_size = len(tok)
+        self.eos_token_id = int(tok.eos_token_id)
+        self.pad_token_id = int(tok.pad_token_id)
+        self.R = int(max_response_tokens or self.task.max_response_tokens)
+        if self.R < 1:
+            raise ValueError(f"max_response_tokens={self.R}, expected >= 1")
+
+        pool = [self._encode_prompt(p) for p in self.task.prompts]
+        longest = max(len(p) for p in pool)
+        self.P = int(max_prompt_tokens or longest)
+        if longest > self.P:
+            i = max(range(len(pool)), key=lambda j: len(pool[j]))
+            raise ValueError(
+                f"prompt #{i} {self.task.prompts[i]!r} has {longest} tokens, more than "
+                f"max_prompt_tokens={self.P}"
+            )
+        self.W = self.P + self.R
+        self._pool_ids, self._pool_mask = self._left_pad(pool)
+
+        self.single_action_space = gym.spaces.Discrete(self.vocab_size)
+        self.single_observation_space = gym.spaces.Dict(
+            {
+                "input_ids": gym.spaces.Box(0, self.vocab_size - 1, (self.W,), np.int64),
+                "attention_mask": gym.spaces.Box(0, 1, (self.W,), np.int64),
+            }
+        )
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+
+        B = num_envs
+        kw: dict[str, Any] = {"device": self.device}
+        self.ids = torch.full((B, self.W), self.pad_token_id, dtype=torch.long, **kw)
+        self.mask = torch.zeros((B, self.W), dtype=torch.long, **kw)
+        self.response_len = torch.zeros(B, dtype=torch.long, **kw)
+        self.prompt_index = torch.full((B,), -1, dtype=torch.long, **kw)
+        self.terminated = torch.zeros(B, dtype=torch.bool, **kw)
+        self.truncated = torch.zeros(B, dtype=torch.bool, **kw)
+        self._autoreset_pending = torch.zeros(B, dtype=torch.bool, **kw)
+        self._rows = torch.arange(B, **kw)
+        self._has_reset = False
+        self._np_random, self._np_random_seed = gym.utils.seeding.np_random(None)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def done(self) -> torch.Tensor:
+        """``(B,)`` bool: rows whose episode has ended (terminated or truncated)."""
+        return self.terminated | self.truncated
+
+    @property
+    def all_done(self) -> bool:
+        """Whether every row has ended (one host sync)."""
+        return bool(self.done.all())
+
+    # ------------------------------------------------------------------ reset
+    def reset(
+        self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Any, dict[str, Any]]:
+        if isinstance(seed, list):  # Gymnasium passes one seed per sub-env; we have one sampler
+            seed = seed[0]
+        if seed is not None:
+            self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seed)
+        options = dict(options or {})
+        known = {"prompts", "prompt_indices", "group_size", "response_prefix", "reset_mask"}
+        unknown = set(options) - known
+        if unknown:
+            raise ValueError(f"unknown reset option(s) {sorted(unknown)}; known: {sorted(known)}")
+        rows = self._rows
+        if options.get("reset_mask") is not None:
+            m = torch.as_tensor(np.asarray(options["reset_mask"]), dtype=torch.bool)
+            if m.shape != (self.num_envs,):
+                raise ValueError(
+                    f"reset_mask has shape {tuple(m.shape)}, expected ({self.num_envs},)"
+                )
+            rows = rows[m.to(self.device)]
+        self._reset_rows(rows, options)
+        self._has_reset = True
+        return self._obs(), {}
+
+    def _reset_rows(self, rows: torch.Tensor, options: dict[str, Any]) -> None:
+        n = int(rows.numel())
+        if n == 0:
+            return
+        G = int(options.get("group_size") or 1)
+        if G < 1 or n % G:
+            raise ValueError(f"group_size={G} must be >= 1 and divide the {n} rows being reset")
+        ids, pmask, index = self._prompt_rows(options, n // G)
+        if G > 1:
+            ids, pmask, index = (x.repeat_interleave(G, 0) for x in (ids, pmask, index))
+        self.ids[rows] = self.pad_token_id
+        self.mask[rows] = 0
+        self.ids[rows, : self.P] = ids
+        self.mask[rows, : self.P] = pmask
+        self.prompt_index[rows] = index
+        self.response_len[rows] = 0
+        self.terminated[rows] = False
+        self.truncated[rows] = False
+        self._autoreset_pending[rows] = False
+        prefix = options.get("response_prefix")
+        if prefix is not None:
+            self._write_prefix(rows, prefix)
+
+    def _prompt_rows(
+        self, options: dict[str, Any], n: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        prompts, indices = options.get("prompts"), options.get("prompt_indices")
+        if prompts is not None and indices is not None:
+            raise ValueError("give either 'prompts' or 'prompt_indices' at reset, not both")
+        if prompts is not None:
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            if len(prompts) != n:
+                raise ValueError(f"got {len(prompts)} prompt(s), expected {n} (rows / group_size)")
+            encoded = [self._encode_prompt(p, check_width=True) for p in prompts]
+            ids, mask = self._left_pad(encoded)
+            return ids, mask, torch.full((n,), -1, dtype=torch.long, device=self.device)
+        if indices is None:
+            indices = self.np_random.integers(0, len(self.task.prompts), size=n)
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long).reshape(-1)
+        if idx.numel() != n:
+            raise ValueError(
+                f"got {idx.numel()} prompt index(es), expected {n} (rows / group_size)"
+            )
+        bad = (idx < 0) | (idx >= len(self.task.prompts))
+        if bool(bad.any()):
+            raise ValueError(
+                f"prompt index {int(idx[bad][0])} is outside the task's pool of "
+                f"{len(self.task.prompts)} prompts"
+            )
+        idx = idx.to(self.device)
+        return self._pool_ids[idx], self._pool_mask[idx], idx
+
+    def _write_prefix(self, rows: torch.Tensor, prefix: Any) -> None:
+        if isinstance(prefix, torch.Tensor | np.ndarray):
+            prefix = [list(map(int, p)) for p in prefix]
+        prefix = [list(map(int, p)) for p in prefix]
+        if len(prefix) != rows.numel():
+            raise ValueError(f"response_prefix has {len(prefix)} rows, expected {rows.numel()}")
+        for i, p in zip(rows.tolist(), prefix, strict=True):
+            if len(p) >= self.R:
+                raise ValueError(
+                    f"response_prefix of row {i} has {len(p)} tokens; a non-terminal state "
+                    f"has fewer than max_response_tokens={self.R}"
+                )
+            for t in p:
+                if not 0 <= t < self.vocab_size or t == self.eos_token_id:
+                    raise ValueError(
+                        f"response_prefix of row {i} contains token {t}; expected non-EOS ids "
+                        f"in [0, {self.vocab_size})"
+                    )
+            if p:
+                self.ids[i, self.P : self.P + len(p)] = torch.tensor(p, device=self.device)
+                self.mask[i, self.P : self.P + len(p)] = 1
+                self.response_len[i] = len(p)
+
+    # ------------------------------------------------------------------ step
+    def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+        if not self._has_reset:
+            raise EnvStateError("step() called before reset(); call env.reset() first")
+        a = self._check_actions(actions)
+        info: dict[str, Any] = {}
+
+        # NEXT_STEP autoreset: rows that ended on the previous step restart now and
+        # ignore this step's action
+        just_reset = self._autoreset_pending.clone()
+        if bool(just_reset.any()):
+            self._reset_rows(self._rows[just_reset], {})
+        active = ~self.done & ~just_reset
+        if self.autoreset_mode == AutoresetMode.DISABLED and not bool(active.any()):
+            raise EnvStateError(
+                "step() called after every episode ended; call reset() to start new episodes"
+            )
+        # transition: append the action to every running row
+        col = self.P + self.response_len.clamp(max=self.R - 1)
+        row = self._rows[active]
+        self.ids[row, col[active]] = a[active]
+        self.mask[row, col[active]] = 1
+        self.response_len += active.long()
+        ended_eos = active & (a == self.eos_token_id)
+        ended_cap = active & ~ended_eos & (self.response_len >= self.R)
+        finished = ended_eos | ended_cap
+        if self.length_cap == "terminated":
+            self.terminated |= finished
+        else:
+            self.terminated |= ended_eos
+            self.truncated |= ended_cap
+
+        # Zero-Reward Assumption: 0.0 on every step but the last
+        reward = torch.zeros(self.num_envs, dtype=torch.float64, device=self.device)
+        if bool(finished.any()):
+            done_rows = self._rows[finished]
+            batch = self.response_batch(done_rows)
+            reward[done_rows] = self.task.score(batch).to(self.device)
+            self._finish_info(info, done_rows, batch, reward)
+        terminated, truncated = self.terminated.clone(), self.truncated.clone()
+        if self.autoreset_mode == AutoresetMode.NEXT_STEP:
+            self._autoreset_pending = finished
+        if self.autoreset_mode == AutoresetMode.SAME_STEP and bool(finished.any()):
+            info["final_obs"] = self._obs()
+            info["_final_obs"] = self._to_backend(finished)
+            self._reset_rows(self._rows[finished], {})
+        if self.render_mode == "human":
+            print(self.render_text())
+        return (
+            self._obs(),
+            self._to_backend(reward),
+            self._to_backend(terminated),
+            self._to_backend(truncated),
+            info,
+        )
+
+    def _check_actions(self, actions: Any) -> torch.Tensor:
+        if isinstance(actions, torch.Tensor):
+            a = actions
+        else:
+            arr = np.asarray(actions)
+            if arr.dtype == object or not np.issubdtype(arr.dtype, np.integer):
+                raise TypeError(
+                    f"actions must be integer token ids, got dtype {arr.dtype} ({actions!r:.80})"
+                )
+            a = torch.from_numpy(arr.astype(np.int64, copy=False))
+        if a.dtype.is_floating_point or a.dtype == torch.bool or a.is_complex():
+            raise TypeError(f"actions must be integer token ids, got dtype {a.dtype}")
+        a = a.reshape(-1) if a.dim() == 0 else a
+        if a.shape != (self.num_envs,):
+            raise ValueError(f"actions have shape {tuple(a.shape)}, expected ({self.num_envs},)")
+        a = a.to(self.device, torch.long)
+        bad = (a < 0) | (a >= self.vocab_size)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"action {int(a[i])} (row {i}) is outside the vocabulary [0, {self.vocab_size})"
+            )
+        return a
+
+    def _finish_info(
+        self, info: dict[str, Any], rows: torch.Tensor, batch: ResponseBatch, reward: torch.Tensor
+    ) -> None:
+        finished = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
+        finished[rows] = True
+        info["_episode_end"] = self._to_backend(finished)
+        info["episode_end"] = self._to_backend(finished)
+        if self.info_text:
+            for key, texts in (("prompt", batch.prompts), ("response", batch.responses)):
+                arr = np.full(self.num_envs, None, dtype=object)
+                arr[rows.cpu().numpy()] = texts
+                info[key], info["_" + key] = arr, finished.cpu().numpy()
+        token_rewards = self.task.true_token_rewards(batch)
+        if token_rewards is not None:
+            full = torch.zeros((self.num_envs, self.R), dtype=torch.float64, device=self.device)
+            full[rows, : token_rewards.shape[1]] = token_rewards.to(self.device)
+            info["token_rewards"] = self._to_backend(full)
+            info["_token_rewards"] = self._to_backend(finished)
+
+    # ------------------------------------------------------------------ helpers
+    def response_batch(self, rows: torch.Tensor | None = None) -> ResponseBatch:
+        """The current prompts and responses of ``rows`` (default all) as a reward batch."""
+        r = self._rows if rows is None else rows
+        return ResponseBatch(
+            prompt_ids=self.ids[r, : self.P],
+            prompt_mask=self.mask[r, : self.P],
+            response_ids=self.ids[r, self.P :],
+            response_mask=self.mask[r, self.P :],
+            prompt_indices=self.prompt_index[r],
+            tokenizer=self.tokenizer,
+        )
+
+    def _encode_prompt(self, text: str, check_width: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"prompt must be a str, got {type(text).__name__}: {text!r:.80}")
+        try:
+            ids = list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        except Exception as exc:
+            raise ValueError(f"cannot tokenize prompt {text!r}: {exc}") from exc
+        if not ids:
+            raise ValueError(f"prompt {text!r} encodes to no tokens; a state needs a prompt")
+        if check_width and len(ids) > self.P:
+            raise ValueError(
+                f"prompt {text!r} has {len(ids)} tokens, more than max_prompt_tokens={self.P}; "
+                "build the env with a larger max_prompt_tokens"
+            )
+        return ids
+
+    def _left_pad(self, seqs: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.full((len(seqs), self.P), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), self.P), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, self.P - len(s) :] = torch.tensor(s)
+            mask[i, self.P - len(s) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _obs(self) -> Any:
+        return {
+            "input_ids": self._to_backend(self.ids.clone()),
+            "attention_mask": self._to_backend(self.mask.clone()),
+        }
+
+    def _to_backend(self, x: torch.Tensor) -> Any:
+        return x.cpu().numpy() if self.backend == "numpy" else x
+
+    # ------------------------------------------------------------------ render
+    def render_text(self, rows: Sequence[int] | None = None) -> str:
+        """One line per row: ``prompt | response so far`` and the row's status."""
+        lines = []
+        ids, mask = self.ids.tolist(), self.mask.tolist()
+        for i in rows if rows is not None else range(self.num_envs):
+            toks = [t for t, m in zip(ids[i], mask[i], strict=True) if m]
+            n_prompt = sum(mask[i][: self.P])
+            prompt = self.tokenizer.decode(toks[:n_prompt])
+            response = self.tokenizer.decode(toks[n_prompt:])
+            status = (
+                "terminated"
+                if self.terminated[i]
+                else "truncated"
+                if self.truncated[i]
+                else "running"
+            )
+            lines.append(f"[{i}] {prompt!r} | {response!r} ({status})")
+        return "\n".join(lines)
+
+    def render(self) -> Any:
+        if self.render_mode is None:
+            gym.logger.warn("render() called without a render_mode; pass render_mode='ansi'")
+            return None
+        text = self.render_text()
+        if self.render_mode == "human":
+            print(text)
+            return None
+        return text

@@ -1,0 +1,41 @@
+"""Tasks: prompt sources and response-level rewards (see :mod:`llm_mdp.tasks.base`)."""
+
+from llm_mdp.tasks.base import (
+    ResponseBatch,
+    RewardError,
+    RewardFn,
+    Task,
+    TokenRewardFn,
+    check_tokenizer,
+)
+from llm_mdp.tasks.builtin import (
+    TASKS,
+    arithmetic_task,
+    hidden_rewards_task,
+    keyword_task,
+    make_task,
+    register_task,
+    reverse_task,
+    target_token_task,
+)
+from llm_mdp.tasks.reward_model import HFRewardModel
+from llm_mdp.tasks.tokenizers import char_tokenizer
+
+__all__ = [
+    "TASKS",
+    "HFRewardModel",
+    "ResponseBatch",
+    "RewardError",
+    "RewardFn",
+    "Task",
+    "TokenRewardFn",
+    "arithmetic_task",
+    "char_tokenizer",
+    "check_tokenizer",
+    "hidden_rewards_task",
+    "keyword_task",
+    "make_task",
+    "register_task",
+    "reverse_task",
+    "target_token_task",
+]

@@ -1,0 +1,248 @@
+"""Tasks: a prompt source plus a response-level reward ``RM(W)``.
+
+A :class:`Task` is everything the token MDP needs that is not the policy: the prompts
+``w_0``, the tokenizer that maps text to the action space, the response-level reward
+model, and (optionally) the true token-level rewards ``r_t`` that the Zero-Reward
+Assumption hides from the learner (paper-notes section 1).
+
+Reward functions are *batched*: they receive a :class:`ResponseBatch` holding every
+response that finished on one env step, with token ids and (lazily decoded) text, and
+return one number per response.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+RewardOutput = torch.Tensor | Sequence[float]
+
+
+@dataclass
+class ResponseBatch:
+    """A batch of finished (or partial) responses handed to a reward function.
+
+    Shapes: ``n`` responses, prompts left-padded to width ``P``, responses right-padded
+    to width ``R``. Text is decoded only when a reward function asks for it.
+
+    Attributes:
+        prompt_ids: ``(n, P)`` int64, left-padded with the tokenizer's pad id.
+        prompt_mask: ``(n, P)`` int64, 1 on real prompt tokens.
+        response_ids: ``(n, R)`` int64, right-padded.
+        response_mask: ``(n, R)`` int64, 1 on real response tokens (EOS included).
+        prompt_indices: ``(n,)`` int64 index into ``Task.prompts``; -1 for a prompt
+            given as free text at reset.
+        tokenizer: decodes ids to text.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    prompt_indices: torch.Tensor
+    tokenizer: PreTrainedTokenizerBase
+
+    def __len__(self) -> int:
+        return int(self.response_ids.shape[0])
+
+    @cached_property
+    def prompts(self) -> list[str]:
+        """Prompt texts (special tokens removed)."""
+        return _decode(self.tokenizer, self.prompt_ids, self.prompt_mask)
+
+    @cached_property
+    def responses(self) -> list[str]:
+        """Response texts (special tokens such as EOS removed)."""
+        return _decode(self.tokenizer, self.response_ids, self.response_mask)
+
+    @cached_property
+    def response_lengths(self) -> torch.Tensor:
+        """``(n,)`` number of response tokens, EOS included."""
+        return self.response_mask.sum(-1)
+
+    def response_token_lists(self) -> list[list[int]]:
+        """Response ids as Python lists without padding (EOS kept)."""
+        lengths = self.response_lengths.tolist()
+        rows = self.response_ids.tolist()
+        return [row[:n] for row, n in zip(rows, lengths, strict=True)]
+
+
+def _decode(tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    rows = ids.tolist()
+    keep = mask.bool().tolist()
+    seqs = [[t for t, k in zip(r, m, strict=True) if k] for r, m in zip(rows, keep, strict=True)]
+    return list(tokenizer.batch_decode(seqs, skip_special_tokens=True))
+
+
+RewardFn = Callable[[ResponseBatch], RewardOutput]
+"""A batched response-level reward model ``RM(W)``: one number per response."""
+
+TokenRewardFn = Callable[[ResponseBatch], torch.Tensor]
+"""True token-level rewards ``r_t``: ``(n, R)`` float, zero on padding."""
+
+
+@dataclass
+class Task:
+    """A prompt source and a response-level reward, with everything the env needs.
+
+    Args:
+        name: short identifier, used in logs and registered env ids.
+        prompts: the prompt pool ``w_0`` (text). Reset samples from it uniformly unless
+            given explicit prompts.
+        reward_fn: batched ``RM(W)``; see :data:`RewardFn`.
+        tokenizer: maps text to token ids; its vocabulary is the action space. Must
+            define ``eos_token_id`` and ``pad_token_id``.
+        max_response_tokens: default length cap ``T_max`` of a response (EOS counts).
+        token_reward_fn: optional true token-level rewards ``r_t``. When given,
+            ``reward_fn`` must equal ``sum_t gamma^(t-1) r_t`` (the Theorem 1 set-up);
+            the env reports them in ``info`` so a learner can check that identity.
+        gamma: discount the token rewards are summed with to give ``RM(W)``.
+        optimal_reward: the best achievable expected reward, when known.
+        random_reward: the expected reward of a uniformly random policy, when known.
+        description: one line for ``--help`` and docs.
+    """
+
+    name: str
+    prompts: Sequence[str]
+    reward_fn: RewardFn
+    tokenizer: PreTrainedTokenizerBase
+    max_response_tokens: int = 16
+    token_reward_fn: TokenRewardFn | None = None
+    gamma: float = 1.0
+    optimal_reward: float | None = None
+    random_reward: float | None = None
+    description: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.prompts) == 0:
+            raise ValueError(f"task {self.name!r}: the prompt pool is empty")
+        if self.max_response_tokens < 1:
+            raise ValueError(
+                f"task {self.name!r}: max_response_tokens={self.max_response_tokens}, expected >= 1"
+            )
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"task {self.name!r}: gamma={self.gamma}, expected 0 < gamma <= 1")
+        check_tokenizer(self.tokenizer)
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the action space: ``len(tokenizer)``."""
+        return len(self.tokenizer)
+
+    @classmethod
+    def from_text_fn(
+        cls,
+        name: str,
+        prompts: Sequence[str],
+        fn: Callable[[list[str], list[str]], RewardOutput],
+        tokenizer: PreTrainedTokenizerBase,
+        **kwargs: Any,
+    ) -> Task:
+        """Wrap any user callable ``fn(prompts, responses) -> rewards`` over text."""
+
+        def reward_fn(batch: ResponseBatch) -> RewardOutput:
+            return fn(batch.prompts, batch.responses)
+
+        reward_fn.__qualname__ = getattr(fn, "__qualname__", "reward_fn")
+        return cls(name=name, prompts=prompts, reward_fn=reward_fn, tokenizer=tokenizer, **kwargs)
+
+    def score(self, batch: ResponseBatch) -> torch.Tensor:
+        """Call ``reward_fn`` and check its output: ``(n,)`` float64, finite.
+
+        Raises:
+            RewardError: the reward function raised, returned the wrong count, a
+                non-number, NaN or inf. The message names the offending prompt/response.
+        """
+        try:
+            out = self.reward_fn(batch)
+        except Exception as exc:
+            raise RewardError(
+                f"task {self.name!r}: reward function {_fn_name(self.reward_fn)} raised "
+                f"{type(exc).__name__}: {exc} while scoring {len(batch)} response(s); first: "
+                f"{_describe(batch, 0)}"
+            ) from exc
+        return _check_rewards(self.name, out, batch)
+
+    def true_token_rewards(self, batch: ResponseBatch) -> torch.Tensor | None:
+        """True token rewards ``(n, R)`` float64 if the task has them, else ``None``."""
+        if self.token_reward_fn is None:
+            return None
+        r = torch.as_tensor(self.token_reward_fn(batch), dtype=torch.float64)
+        if r.shape != batch.response_ids.shape:
+            raise RewardError(
+                f"task {self.name!r}: token_reward_fn returned shape {tuple(r.shape)}, "
+                f"expected {tuple(batch.response_ids.shape)}"
+            )
+        return r * batch.response_mask.to(r.dtype).to(r.device)
+
+
+class RewardError(RuntimeError):
+    """A reward function failed or returned something that is not a finite number."""
+
+
+def _fn_name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+def _describe(batch: ResponseBatch, i: int) -> str:
+    try:
+        return f"prompt={batch.prompts[i]!r}, response={batch.responses[i]!r}"
+    except Exception:  # decoding itself failed: fall back to ids
+        return f"response_ids={batch.response_ids[i].tolist()}"
+
+
+def _check_rewards(task: str, out: Any, batch: ResponseBatch) -> torch.Tensor:
+    n = len(batch)
+    try:
+        if isinstance(out, torch.Tensor):
+            rewards = out.detach().to("cpu", torch.float64).reshape(-1)
+        else:
+            values = list(out)
+            for i, v in enumerate(values):
+                if isinstance(v, bool) or (
+                    not isinstance(v, int | float) and not hasattr(v, "__float__")
+                ):
+                    raise RewardError(
+                        f"task {task!r}: reward #{i} is {v!r} of type {type(v).__name__}, "
+                        f"expected a number; {_describe(batch, i)}"
+                    )
+            rewards = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    except RewardError:
+        raise
+    except Exception as exc:
+        raise RewardError(
+            f"task {task!r}: reward function returned {type(out).__name__}, expected a "
+            f"sequence of {n} numbers or a tensor of shape ({n},)"
+        ) from exc
+    if rewards.numel() != n:
+        raise RewardError(
+            f"task {task!r}: reward function returned {rewards.numel()} value(s) for {n} "
+            f"response(s); expected exactly one per response"
+        )
+    bad = ~torch.isfinite(rewards)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise RewardError(
+            f"task {task!r}: reward #{i} is {rewards[i].item()} (not finite); {_describe(batch, i)}"
+        )
+    return rewards
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Raise a clear error when a tokenizer cannot drive the env (no EOS or no pad)."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} has no eos_token_id: the MDP needs an "
+            "end-of-sequence action. Set tokenizer.eos_token = '...' first."
+        )
+    if tokenizer.pad_token_id is None:
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} has no pad_token_id: observations are "
+            "padded to a fixed width. Set tokenizer.pad_token (often to the EOS token)."
+        )

@@ -1,0 +1,258 @@
+"""Built-in tasks, each with a known optimum so that learning can be asserted.
+
+=================  ==========================================================  =======
+name               reward ``RM(W)``                                             optimum
+=================  ==========================================================  =======
+``target_token``   fraction of the ``T_max`` slots filled with the target      1.0
+``keyword``        1 if the response contains the keyword, else 0               1.0
+``reverse``        1 if the response is the prompt reversed (or partial credit)  1.0
+``arithmetic``     1 if the response is the sum ``a+b`` written in digits        1.0
+``hidden_rewards`` ``sum_t gamma^(t-1) r(s_t, w_t)`` for hidden token rewards   by DP
+=================  ==========================================================  =======
+
+``hidden_rewards`` is the set-up of the paper's Theorem 1: true token-level rewards
+exist and are reported in ``info``, but the learner only gets their discounted sum at
+the end. Everything is built locally on character tokenizers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
+import torch
+
+from llm_mdp.tasks.base import ResponseBatch, Task
+from llm_mdp.tasks.tokenizers import char_tokenizer
+
+LOWER = "abcdefghijklmnopqrstuvwxyz"
+
+
+def target_token_task(
+    target: str = "a",
+    alphabet: str = LOWER[:8],
+    max_response_tokens: int = 8,
+    num_prompts: int = 16,
+) -> Task:
+    """Fill the response with ``target``: reward = (#target tokens) / ``max_response_tokens``.
+
+    Dense enough for a tiny model to learn in seconds; the optimum 1.0 is reached by
+    emitting the target until the length cap. A uniform policy over ``V`` tokens scores
+    far below 0.1.
+    """
+    if len(target) != 1 or target not in alphabet:
+        raise ValueError(f"target {target!r} must be one character of alphabet {alphabet!r}")
+    tok = char_tokenizer(alphabet)
+    target_id = tok.convert_tokens_to_ids(target)
+    prompts = _random_strings(alphabet, num_prompts, 1, 4, seed=0)
+
+    def reward(batch: ResponseBatch) -> torch.Tensor:
+        hits = ((batch.response_ids == target_id) & batch.response_mask.bool()).sum(-1)
+        return hits.double() / max_response_tokens
+
+    return Task(
+        name="target_token",
+        prompts=prompts,
+        reward_fn=reward,
+        tokenizer=tok,
+        max_response_tokens=max_response_tokens,
+        optimal_reward=1.0,
+        description=f"emit {target!r} at every position: reward = fraction of slots that are {target!r}",
+    )
+
+
+def keyword_task(
+    keyword: str = "ab",
+    alphabet: str = LOWER[:6],
+    max_response_tokens: int = 6,
+    num_prompts: int = 16,
+) -> Task:
+    """Reward 1 if the response text contains ``keyword``, else 0 (a sparse, binary reward)."""
+    if not keyword or any(c not in alphabet for c in keyword):
+        raise ValueError(f"keyword {keyword!r} must be non-empty text over alphabet {alphabet!r}")
+    if len(keyword) > max_response_tokens:
+        raise ValueError(
+            f"keyword {keyword!r} is longer than max_response_tokens={max_response_tokens}"
+        )
+    prompts = _random_strings(alphabet, num_prompts, 1, 4, seed=1)
+
+    def reward(prompts: list[str], responses: list[str]) -> list[float]:
+        return [float(keyword in r) for r in responses]
+
+    return Task.from_text_fn(
+        "keyword",
+        prompts,
+        reward,
+        char_tokenizer(alphabet),
+        max_response_tokens=max_response_tokens,
+        optimal_reward=1.0,
+        description=f"binary: does the response contain {keyword!r}?",
+    )
+
+
+def reverse_task(
+    alphabet: str = "abcd", min_len: int = 1, max_len: int = 3, partial: bool = False
+) -> Task:
+    """Answer ``"abc="`` with ``"cba"``: exact match (1/0), or per-character credit.
+
+    With ``partial=True`` the reward is the fraction of positions of the longer of the
+    two strings where response and target agree, so partial answers earn partial credit.
+    Prompts: every string of length ``min_len..max_len`` over ``alphabet``.
+    """
+    prompts = [
+        "".join(p) + "="
+        for n in range(min_len, max_len + 1)
+        for p in itertools.product(alphabet, repeat=n)
+    ]
+
+    def reward(prompts: list[str], responses: list[str]) -> list[float]:
+        out = []
+        for p, r in zip(prompts, responses, strict=True):
+            target = p.rstrip("=")[::-1]
+            out.append(_match(r, target, partial))
+        return out
+
+    return Task.from_text_fn(
+        "reverse",
+        prompts,
+        reward,
+        char_tokenizer(alphabet + "="),
+        max_response_tokens=max_len + 1,
+        optimal_reward=1.0,
+        description="reverse the string before '='" + (" (partial credit)" if partial else ""),
+    )
+
+
+def arithmetic_task(max_operand: int = 4, partial: bool = False) -> Task:
+    """Answer ``"3+4="`` with ``"7"``: exact match on the digits of ``a + b``.
+
+    Prompts: every pair ``0 <= a, b <= max_operand``.
+    """
+    if not 0 <= max_operand <= 99:
+        raise ValueError(f"max_operand={max_operand}, expected 0..99")
+    prompts = [f"{a}+{b}=" for a in range(max_operand + 1) for b in range(max_operand + 1)]
+
+    def reward(prompts: list[str], responses: list[str]) -> list[float]:
+        out = []
+        for p, r in zip(prompts, responses, strict=True):
+            a, b = p.rstrip("=").split("+")
+            out.append(_match(r, str(int(a) + int(b)), partial))
+        return out
+
+    return Task.from_text_fn(
+        "arithmetic",
+        prompts,
+        reward,
+        char_tokenizer("0123456789+="),
+        max_response_tokens=len(str(2 * max_operand)) + 1,
+        optimal_reward=1.0,
+        description="write the sum a+b in digits",
+    )
+
+
+def hidden_rewards_task(
+    alphabet: str = "ab",
+    max_response_tokens: int = 4,
+    gamma: float = 1.0,
+    prompts: tuple[str, ...] = ("a",),
+    seed: int = 0,
+) -> Task:
+    """True token rewards ``r(s_t, w_t) ~ U(-1, 1)``, hidden: the learner sees ``RM(W)``.
+
+    ``RM(W) = sum_t gamma^(t-1) r(s_t, w_t)`` exactly, so Theorem 1 of the paper applies;
+    the env reports the token rewards in ``info["token_rewards"]``. Each reward is a
+    deterministic function of ``(seed, prompt, prefix, token)``, EOS included. The
+    optimal reward is computed by dynamic programming over the response tree (feasible
+    for small alphabets and horizons).
+    """
+    tok = char_tokenizer(alphabet)
+    eos = int(tok.eos_token_id)
+    n_actions = len(tok)
+
+    @cache
+    def r(prompt: tuple[int, ...], prefix: tuple[int, ...], token: int) -> float:
+        return random.Random(f"{seed}|{prompt}|{prefix}|{token}").uniform(-1.0, 1.0)
+
+    def token_rewards(batch: ResponseBatch) -> torch.Tensor:
+        out = torch.zeros(batch.response_ids.shape, dtype=torch.float64)
+        prompt_rows = batch.prompt_ids.tolist()
+        prompt_keep = batch.prompt_mask.tolist()
+        for i, resp in enumerate(batch.response_token_lists()):
+            prompt = tuple(t for t, k in zip(prompt_rows[i], prompt_keep[i], strict=True) if k)
+            for t, w in enumerate(resp):
+                out[i, t] = r(prompt, tuple(resp[:t]), w)
+        return out
+
+    discounts = torch.tensor([gamma**t for t in range(max_response_tokens)], dtype=torch.float64)
+
+    def reward(batch: ResponseBatch) -> torch.Tensor:
+        return (token_rewards(batch) * discounts[: batch.response_ids.shape[1]]).sum(-1)
+
+    def best(prompt: tuple[int, ...], prefix: tuple[int, ...]) -> float:
+        if len(prefix) == max_response_tokens:
+            return 0.0
+        vals = []
+        for w in range(2, n_actions):  # characters continue the response
+            vals.append(r(prompt, prefix, w) + gamma * best(prompt, (*prefix, w)))
+        vals.append(r(prompt, prefix, eos))  # EOS ends it
+        return max(vals)
+
+    optimum = None
+    if (n_actions - 2) ** max_response_tokens <= 200_000:
+        ids = [tuple(tok(p).input_ids) for p in prompts]
+        optimum = sum(best(p, ()) for p in ids) / len(ids)
+
+    return Task(
+        name="hidden_rewards",
+        prompts=list(prompts),
+        reward_fn=reward,
+        tokenizer=tok,
+        max_response_tokens=max_response_tokens,
+        token_reward_fn=token_rewards,
+        gamma=gamma,
+        optimal_reward=optimum,
+        description="hidden token rewards; RM(W) is their discounted sum (Theorem 1 set-up)",
+        metadata={"token_reward": r},
+    )
+
+
+def _match(response: str, target: str, partial: bool) -> float:
+    if not partial:
+        return float(response == target)
+    n = max(len(response), len(target))
+    return sum(a == b for a, b in zip(response, target, strict=False)) / n if n else 1.0
+
+
+def _random_strings(alphabet: str, n: int, lo: int, hi: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choices(alphabet, k=rng.randint(lo, hi))) for _ in range(n)]
+
+
+TASKS: dict[str, Callable[..., Task]] = {
+    "target_token": target_token_task,
+    "keyword": keyword_task,
+    "reverse": reverse_task,
+    "arithmetic": arithmetic_task,
+    "hidden_rewards": hidden_rewards_task,
+}
+
+
+def make_task(name: str, **kwargs: Any) -> Task:
+    """Build a registered task by name, e.g. ``make_task("reverse", partial=True)``."""
+    try:
+        factory = TASKS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}"
+        ) from None
+    return factory(**kwargs)
+
+
+def register_task(name: str, factory: Callable[..., Task]) -> None:
+    """Make ``make_task(name)`` (and the CLI's ``--task name``) build ``factory()``."""
+    if name in TASKS:
+        raise ValueError(f"task {name!r} is already registered")
+    TASKS[name] = factory
