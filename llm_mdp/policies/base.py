@@ -1,0 +1,166 @@
+"""The policy interface shared by env, agents and the exact toolkit.
+
+Observation layout (the vector env's torch backend; ``W = P + R``):
+
+* ``obs["input_ids"]``: ``(B, W)`` int64. Prompt right-aligned (left-padded) in columns
+  ``[0, P)``, response so far left-aligned (right-padded) in ``[P, W)``.
+* ``obs["attention_mask"]``: ``(B, W)`` int64, 1 on real tokens, 0 on padding.
+
+So each row's real tokens are one contiguous span of columns. ``act`` never needs ``P``
+(it only reads the span); ``log_probs`` takes ``prompt_width=P`` to know which tokens are
+the response.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal, Protocol, overload, runtime_checkable
+
+import torch
+
+__all__ = ["Observation", "Policy"]
+
+Observation = Mapping[str, torch.Tensor]
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What agents need from a policy: batched acting and teacher-forced log-probs.
+
+    Implemented by :class:`~llm_mdp.policies.CausalLMPolicy` (any Hugging Face causal LM)
+    and :class:`~llm_mdp.policies.TabularPolicy` (exact tests).
+    """
+
+    temperature: float
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the action space (number of logits)."""
+        ...
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the parameters; observations are moved here."""
+        ...
+
+    def act(
+        self, obs: Observation, state: Any = None, *, greedy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Next token per row: ``(actions (B,), log_probs (B,), new_state)``.
+
+        ``state`` is whatever the previous call returned (``None`` on the first call); it
+        is consumed by the call (pass the returned one on). ``log_probs`` are those of the
+        sampling distribution ``softmax(logits / temperature)``, also for ``greedy=True``.
+        """
+        ...
+
+    @overload
+    def log_probs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt_width: int,
+        *,
+        with_entropy: Literal[False] = ...,
+    ) -> torch.Tensor: ...
+
+    @overload
+    def log_probs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt_width: int,
+        *,
+        with_entropy: Literal[True],
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @overload
+    def log_probs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt_width: int,
+        *,
+        with_entropy: bool,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
+
+    def log_probs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt_width: int,
+        *,
+        with_entropy: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``(B, W - P)`` log-prob of each response token (0 on padding), differentiable.
+
+        With ``with_entropy=True`` also the ``(B, W - P)`` entropy of the policy at each
+        response position (0 on padding).
+        """
+        ...
+
+    def seed(self, seed: int) -> None:
+        """Reseed the sampler's generator."""
+        ...
+
+
+def as_obs_tensors(obs: Observation, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` from an observation, as int64 on ``device``."""
+    try:
+        ids, mask = obs["input_ids"], obs["attention_mask"]
+    except (KeyError, TypeError) as err:
+        raise ValueError(
+            "observation must be a mapping with 'input_ids' and 'attention_mask', got "
+            f"{type(obs).__name__} with keys {list(obs) if isinstance(obs, Mapping) else '-'}"
+        ) from err
+    ids = torch.as_tensor(ids, device=device).long()
+    mask = torch.as_tensor(mask, device=device).long()
+    if ids.dim() == 1:
+        ids, mask = ids.unsqueeze(0), mask.unsqueeze(0)
+    if ids.dim() != 2 or ids.shape != mask.shape:
+        raise ValueError(
+            f"expected input_ids and attention_mask of equal shape (B, W), got "
+            f"{tuple(ids.shape)} and {tuple(mask.shape)}"
+        )
+    return ids, mask
+
+
+def check_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> None:
+    """Shape checks for ``log_probs`` inputs (no device sync)."""
+    if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
+        raise ValueError(
+            f"expected input_ids and attention_mask of equal shape (B, W), got "
+            f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
+        )
+    width = input_ids.shape[1]
+    if not 1 <= prompt_width <= width:
+        raise ValueError(
+            f"prompt_width={prompt_width} must be in [1, W={width}] (the prompt needs at "
+            "least one column: the first response token is predicted from it)"
+        )
+
+
+def token_log_probs(
+    logits: torch.Tensor, targets: torch.Tensor, resp_mask: torch.Tensor, with_entropy: bool
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Masked ``log_softmax(logits)`` at ``targets`` and optionally the entropy.
+
+    Args:
+        logits: ``(B, R, V)`` float, temperature already applied.
+        targets: ``(B, R)`` token ids (any value where ``resp_mask`` is 0).
+        resp_mask: ``(B, R)``, 1 on real response tokens.
+        with_entropy: also return ``-(p * log p).sum(-1)``.
+
+    Returns:
+        ``(B, R)`` log-probs, 0 on padding (and the ``(B, R)`` entropy, 0 on padding).
+    """
+    keep = resp_mask.bool()
+    logp_all = torch.log_softmax(logits, dim=-1)
+    tgt = targets.masked_fill(~keep, 0).unsqueeze(-1)
+    logp = logp_all.gather(-1, tgt).squeeze(-1).masked_fill(~keep, 0.0)
+    if not with_entropy:
+        return logp
+    # clamp: a -inf logit (masked token) has p = 0 and must add 0, not 0 * -inf = nan.
+    finite = logp_all.clamp(min=torch.finfo(logp_all.dtype).min)
+    entropy = -(logp_all.exp() * finite).sum(-1).masked_fill(~keep, 0.0)
+    return logp, entropy
