@@ -157,6 +157,7 @@ class LLMTokenVectorEnv(VectorEnv):
         self._autoreset_pending = torch.zeros(B, dtype=torch.bool, **kw)
         self._rows = torch.arange(B, **kw)
         self._has_reset = False
+        self.episodes_finished = 0  # episodes ended since construction (compute accounting)
         self._np_random, self._np_random_seed = gym.utils.seeding.np_random(None)
 
     # ------------------------------------------------------------------ properties
@@ -306,6 +307,7 @@ class LLMTokenVectorEnv(VectorEnv):
         reward = torch.zeros(self.num_envs, dtype=torch.float64, device=self.device)
         if bool(finished.any()):
             done_rows = self._rows[finished]
+            self.episodes_finished += int(done_rows.numel())
             batch = self.response_batch(done_rows)
             reward[done_rows] = self.task.score(batch).to(self.device)
             self._finish_info(info, done_rows, batch, reward)

@@ -12,7 +12,9 @@ name               reward ``RM(W)``                                             
 
 ``hidden_rewards`` is the set-up of the paper's Theorem 1: true token-level rewards
 exist and are reported in ``info``, but the learner only gets their discounted sum at
-the end. Everything is built locally on character tokenizers.
+the end. Everything is built locally on character tokenizers; the text tasks
+(``target_token``, ``keyword``, ``reverse``, ``arithmetic``) also take any Hugging Face
+``tokenizer=`` so that a pretrained model can play them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from functools import cache
 from typing import Any
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from llm_mdp.tasks.base import ResponseBatch, Task
 from llm_mdp.tasks.tokenizers import char_tokenizer
@@ -36,6 +39,7 @@ def target_token_task(
     alphabet: str = LOWER[:8],
     max_response_tokens: int = 8,
     num_prompts: int = 16,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> Task:
     """Fill the response with ``target``: reward = (#target tokens) / ``max_response_tokens``.
 
@@ -45,8 +49,11 @@ def target_token_task(
     """
     if len(target) != 1 or target not in alphabet:
         raise ValueError(f"target {target!r} must be one character of alphabet {alphabet!r}")
-    tok = char_tokenizer(alphabet)
-    target_id = tok.convert_tokens_to_ids(target)
+    tok = tokenizer or char_tokenizer(alphabet)
+    ids = tok(target, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ValueError(f"target {target!r} is not a single token of {type(tok).__name__}")
+    target_id = ids[0]
     prompts = _random_strings(alphabet, num_prompts, 1, 4, seed=0)
 
     def reward(batch: ResponseBatch) -> torch.Tensor:
@@ -69,6 +76,7 @@ def keyword_task(
     alphabet: str = LOWER[:6],
     max_response_tokens: int = 6,
     num_prompts: int = 16,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> Task:
     """Reward 1 if the response text contains ``keyword``, else 0 (a sparse, binary reward)."""
     if not keyword or any(c not in alphabet for c in keyword):
@@ -86,7 +94,7 @@ def keyword_task(
         "keyword",
         prompts,
         reward,
-        char_tokenizer(alphabet),
+        tokenizer or char_tokenizer(alphabet),
         max_response_tokens=max_response_tokens,
         optimal_reward=1.0,
         description=f"binary: does the response contain {keyword!r}?",
@@ -94,7 +102,12 @@ def keyword_task(
 
 
 def reverse_task(
-    alphabet: str = "abcd", min_len: int = 1, max_len: int = 3, partial: bool = False
+    alphabet: str = "abcd",
+    min_len: int = 1,
+    max_len: int = 3,
+    partial: bool = False,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    max_response_tokens: int | None = None,
 ) -> Task:
     """Answer ``"abc="`` with ``"cba"``: exact match (1/0), or per-character credit.
 
@@ -119,14 +132,19 @@ def reverse_task(
         "reverse",
         prompts,
         reward,
-        char_tokenizer(alphabet + "="),
-        max_response_tokens=max_len + 1,
+        tokenizer or char_tokenizer(alphabet + "="),
+        max_response_tokens=max_response_tokens or max_len + 1,
         optimal_reward=1.0,
         description="reverse the string before '='" + (" (partial credit)" if partial else ""),
     )
 
 
-def arithmetic_task(max_operand: int = 4, partial: bool = False) -> Task:
+def arithmetic_task(
+    max_operand: int = 4,
+    partial: bool = False,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    max_response_tokens: int | None = None,
+) -> Task:
     """Answer ``"3+4="`` with ``"7"``: exact match on the digits of ``a + b``.
 
     Prompts: every pair ``0 <= a, b <= max_operand``.
@@ -146,8 +164,8 @@ def arithmetic_task(max_operand: int = 4, partial: bool = False) -> Task:
         "arithmetic",
         prompts,
         reward,
-        char_tokenizer("0123456789+="),
-        max_response_tokens=len(str(2 * max_operand)) + 1,
+        tokenizer or char_tokenizer("0123456789+="),
+        max_response_tokens=max_response_tokens or len(str(2 * max_operand)) + 1,
         optimal_reward=1.0,
         description="write the sum a+b in digits",
     )
@@ -248,7 +266,9 @@ def make_task(name: str, **kwargs: Any) -> Task:
         raise ValueError(
             f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}"
         ) from None
-    return factory(**kwargs)
+    task = factory(**kwargs)
+    task.metadata.setdefault("make_task", {"name": name, "kwargs": kwargs})
+    return task
 
 
 def register_task(name: str, factory: Callable[..., Task]) -> None:

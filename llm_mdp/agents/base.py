@@ -1,0 +1,536 @@
+"""The on-policy trainer every agent shares: collect -> advantages -> clipped/vanilla update.
+
+An agent is a thin subclass that says how it collects episodes (groups, a greedy
+baseline, Monte Carlo value rollouts) and which registered advantage estimator it uses;
+the loop, the loss, KL handling, logging and checkpoints live here once.
+
+One update::
+
+    batch = agent.collect()                 # through env.reset / env.step only
+    adv   = agent.advantages(batch)         # a registered estimator (llm_mdp.estimators)
+    adv  += KL-in-reward return-to-go        # if kl_placement == "reward"
+    for epoch, minibatch, micro-batch:      # gradient accumulation with global counts
+        loss = aggregate(policy_loss) + beta * aggregate(kl) [+ agent.extra_loss]
+
+Dropout is disabled: the policy runs in ``eval()`` mode throughout (gradients still flow),
+as is usual in RL fine-tuning, so rollout and training log-probs agree.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+
+from llm_mdp import estimators as est
+from llm_mdp.agents.logger import MetricsLogger
+from llm_mdp.agents.rollout import Rollout, rollout
+from llm_mdp.envs import LLMTokenVectorEnv
+from llm_mdp.policies import Policy
+
+
+class TrainingError(RuntimeError):
+    """Training stopped (for example a reward function failed); the message says where."""
+
+
+@dataclass
+class AgentConfig:
+    """Settings shared by every agent. Each agent's subclass overrides the defaults of
+    its own paper; every field is documented here or there.
+
+    Attributes:
+        seed: seeds prompt sampling, the policy's sampler and torch.
+        group_size: responses per prompt ``G`` (contiguous rows); the env's ``num_envs``
+            must be a multiple of it. Prompts per update = ``num_envs / G``.
+        learning_rate: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        adam_betas: AdamW betas.
+        max_grad_norm: gradient-norm clip (``None``: no clipping).
+        epochs: passes over each batch (PPO's ``K`` epochs; GRPO's ``mu``).
+        minibatches: optimizer steps per epoch (the batch is split into this many).
+        micro_batch_size: rows per forward/backward inside a minibatch (gradient
+            accumulation; ``None`` = the whole minibatch). Changes memory, not the result:
+            losses are normalized by the minibatch's global counts.
+        loss: registered policy loss, ``"vanilla"`` or ``"ppo_clip"``.
+        clip_low: PPO clip ``epsilon`` (lower side).
+        clip_high: upper clip (``None`` = ``clip_low``; larger is DAPO's clip-higher).
+        dual_clip: dual-clip constant ``c > 1`` for negative advantages (``None``: off).
+        aggregation: how per-token losses become a scalar (``llm_mdp.estimators``):
+            ``seq-mean-token-sum`` is the unbiased estimate of ``grad J``.
+        kl_coef: ``beta`` of the KL to a frozen reference copy of the initial policy
+            (0 = no reference model is kept).
+        kl_estimator: ``k1``, ``k2`` or ``k3`` (Schulman's estimators).
+        kl_placement: ``"reward"`` (``-beta * KL`` added to every token's return-to-go:
+            with ``k1`` an unbiased gradient of the reverse KL) or ``"loss"`` (``beta *
+            aggregate(KL)`` added to the loss, GRPO's choice with ``k3``).
+        entropy_coef: bonus ``-coef * entropy`` in the loss (0: off).
+        temperature: sampling temperature of the rollout policy.
+        checkpoint_every: save ``run_dir/checkpoint.pt`` every this many updates (0: only
+            at the end of ``learn`` when ``run_dir`` is set).
+    """
+
+    seed: int = 0
+    group_size: int = 1
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float | None = 1.0
+    epochs: int = 1
+    minibatches: int = 1
+    micro_batch_size: int | None = None
+    loss: str = "vanilla"
+    clip_low: float = 0.2
+    clip_high: float | None = None
+    dual_clip: float | None = None
+    aggregation: str = "seq-mean-token-sum"
+    kl_coef: float = 0.0
+    kl_estimator: str = "k1"
+    kl_placement: Literal["reward", "loss"] = "reward"
+    entropy_coef: float = 0.0
+    temperature: float = 1.0
+    checkpoint_every: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kl_placement not in ("reward", "loss"):
+            raise ValueError(f"kl_placement={self.kl_placement!r}, expected 'reward' or 'loss'")
+        if self.aggregation not in est.AGGREGATION_MODES:
+            raise ValueError(
+                f"aggregation={self.aggregation!r}; known: {', '.join(est.AGGREGATION_MODES)}"
+            )
+        est.get_policy_loss(self.loss)
+        est.get_kl_estimator(self.kl_estimator)
+        for name in ("epochs", "minibatches", "group_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}, expected >= 1")
+        self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AgentConfig:
+        """Build from a plain dict (a config file); unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+
+class Agent:
+    """Base of every agent: ``Agent(env, policy, config)``, ``learn``, ``save``, ``load``.
+
+    Subclasses set ``name``, ``config_class`` and implement :meth:`advantages`; they may
+    override :meth:`collect` and :meth:`extra_loss`.
+    """
+
+    name: ClassVar[str] = "agent"
+    config_class: ClassVar[type[AgentConfig]] = AgentConfig
+
+    def __init__(
+        self,
+        env: LLMTokenVectorEnv,
+        policy: Policy,
+        config: AgentConfig | None = None,
+        *,
+        run_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.config = config if config is not None else self.config_class()
+        if not isinstance(self.config, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.config_class.__name__}, got "
+                f"{type(self.config).__name__}"
+            )
+        cfg = self.config
+        if not isinstance(env, LLMTokenVectorEnv):
+            raise TypeError(
+                f"agents drive an LLMTokenVectorEnv (gymnasium.make_vec), got {type(env).__name__}"
+            )
+        if env.num_envs % cfg.group_size:
+            raise ValueError(
+                f"env.num_envs={env.num_envs} is not a multiple of group_size={cfg.group_size}"
+            )
+        if policy.vocab_size != env.vocab_size:
+            raise ValueError(
+                f"vocabulary mismatch: the policy has {policy.vocab_size} actions, the env's "
+                f"tokenizer {env.vocab_size}; build the policy for this task's tokenizer"
+            )
+        self.env, self.policy = env, policy
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.device = policy.device
+        self.rng = np.random.default_rng(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        policy.seed(cfg.seed)
+        policy.temperature = cfg.temperature
+        self._as_module(policy).eval()
+        self.ref_policy: Policy | None = None
+        if cfg.kl_coef > 0:
+            self.ref_policy = copy.deepcopy(policy)
+            self._as_module(self.ref_policy).requires_grad_(False)
+        self.modules: dict[str, torch.nn.Module] = {"policy": self._as_module(policy)}
+        self.setup()
+        params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=cfg.adam_betas
+        )
+        self.update = 0
+        self.samples = 0
+        self.tokens = 0
+        self.episodes = 0  # every episode generated, value and greedy rollouts included
+        self.history: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self) -> None:
+        """Build extra trainable modules (register them in ``self.modules``)."""
+
+    def collect(self) -> Rollout:
+        """One batch of episodes: ``num_envs / G`` sampled prompts, each ``G`` times."""
+        G = self.config.group_size
+        idx = self.sample_prompts(self.env.num_envs // G)
+        return rollout(self.env, self.policy, {"prompt_indices": idx, "group_size": G})
+
+    def advantages(self, batch: Rollout) -> torch.Tensor:
+        """Per-token weights ``(B, L)`` of ``grad log pi``; see ``llm_mdp.estimators``."""
+        raise NotImplementedError
+
+    def extra_loss(
+        self, mb: Rollout, counts: dict[str, float]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """An additional loss term on a micro-batch (PPO's value loss); default none."""
+        return torch.zeros((), device=self.device), {}
+
+    @property
+    def kl_in_advantages(self) -> bool:
+        """Whether the loop adds the KL-in-reward return-to-go to :meth:`advantages`.
+
+        True for response-level estimators; an agent that folds the KL into its own
+        token rewards (PPO, before GAE) returns False.
+        """
+        return True
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _as_module(policy: Any) -> torch.nn.Module:
+        if not isinstance(policy, torch.nn.Module):
+            raise TypeError(f"the policy must be a torch.nn.Module, got {type(policy).__name__}")
+        return policy
+
+    def sample_prompts(self, n: int) -> list[int]:
+        """``n`` prompt indices drawn uniformly with the agent's generator."""
+        return self.rng.integers(0, len(self.env.task.prompts), size=n).tolist()
+
+    def advantage_inputs(self, batch: Rollout, **kwargs: Any) -> est.AdvantageInputs:
+        return est.AdvantageInputs(
+            rewards=batch.rewards,
+            mask=batch.response_mask,
+            group_size=batch.group_size,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ one update
+    def train_step(self) -> dict[str, float]:
+        """Collect one batch, compute advantages and update the policy; returns metrics."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        episodes_before = self.env.episodes_finished
+        batch = self.collect()
+        t1 = time.perf_counter()
+        mask = batch.response_mask
+        if self.ref_policy is not None:
+            with torch.no_grad():
+                batch.extras["ref_logp"] = self.ref_policy.log_probs(
+                    batch.input_ids, batch.attention_mask, batch.prompt_width
+                )
+        adv = self.advantages(batch).to(torch.float32)
+        metrics: dict[str, float] = {}
+        if self.ref_policy is not None:
+            kl_tok = est.compute_kl(
+                cfg.kl_estimator, batch.sample_logp, batch.extras["ref_logp"], mask
+            )
+            metrics["kl/ref"] = float(kl_tok.sum(-1).mean())
+            if cfg.kl_placement == "reward" and self.kl_in_advantages:
+                adv = adv + est.discounted_returns(-cfg.kl_coef * kl_tok, mask).float()
+        batch.extras["advantages"] = adv
+        metrics |= self.optimize(batch)
+        t2 = time.perf_counter()
+
+        n_tok = int(mask.sum())
+        self.update += 1
+        self.samples += len(batch)
+        self.tokens += n_tok
+        self.episodes += self.env.episodes_finished - episodes_before
+        r = batch.rewards
+        return {
+            "update": self.update,
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "episodes": self.episodes,
+            "reward/mean": float(r.mean()),
+            "reward/std": float(r.std()) if len(r) > 1 else 0.0,
+            "reward/max": float(r.max()),
+            "reward/min": float(r.min()),
+            "response/length": float(mask.sum(-1).float().mean()),
+            "advantage/mean": float((adv * mask).sum() / mask.sum().clamp(min=1)),
+            **metrics,
+            "time/rollout": t1 - t0,
+            "time/update": t2 - t1,
+            "tokens_per_s": n_tok / max(t2 - t0, 1e-9),
+        }
+
+    def optimize(self, batch: Rollout) -> dict[str, float]:
+        """``epochs`` x ``minibatches`` optimizer steps with gradient accumulation."""
+        cfg = self.config
+        B = len(batch)
+        sums: dict[str, float] = {}
+        n_steps = 0
+        for _ in range(cfg.epochs):
+            perm = self._permutation(B)
+            for mb_rows in perm.chunk(cfg.minibatches):
+                self.optimizer.zero_grad(set_to_none=True)
+                stats = self.accumulate_gradients(batch.select(mb_rows))
+                params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                norm = torch.nn.utils.clip_grad_norm_(
+                    params, cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+                )
+                stats["grad_norm"] = float(norm)
+                self.optimizer.step()
+                n_steps += 1
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+        out = {k: v / n_steps for k, v in sums.items()}
+        out["lr"] = self.optimizer.param_groups[0]["lr"]
+        return out
+
+    def accumulate_gradients(self, mb: Rollout) -> dict[str, float]:
+        """Backpropagate the minibatch loss micro-batch by micro-batch into ``.grad``.
+
+        Every micro-batch is normalized by the *minibatch's* counts (sequences, tokens,
+        the length cap), so the accumulated gradient does not depend on
+        ``micro_batch_size``.
+        """
+        counts = {
+            "num_sequences": float(len(mb)),
+            "num_tokens": float(mb.response_mask.sum()),
+            "max_len": float(self.env.R),
+        }
+        stats: dict[str, float] = {}
+        for micro in self._micro_batches(mb):
+            loss, s = self.loss(micro, counts)
+            loss.backward()
+            for k, v in s.items():
+                stats[k] = stats.get(k, 0.0) + v
+        return stats
+
+    def _permutation(self, n: int) -> torch.Tensor:
+        if self.config.minibatches == 1:
+            return torch.arange(n, device=self.device)
+        return torch.as_tensor(self.rng.permutation(n), device=self.device)
+
+    def _micro_batches(self, mb: Rollout) -> Iterator[Rollout]:
+        size = self.config.micro_batch_size or len(mb)
+        for lo in range(0, len(mb), size):
+            yield mb.select(torch.arange(lo, min(lo + size, len(mb)), device=self.device))
+
+    def loss(self, mb: Rollout, counts: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The micro-batch's share of the minibatch loss (normalized by global ``counts``)."""
+        cfg = self.config
+        mask = mb.response_mask
+        logp, entropy = self.policy.log_probs(
+            mb.input_ids, mb.attention_mask, mb.prompt_width, with_entropy=True
+        )
+
+        def agg(x: torch.Tensor, mode: str = cfg.aggregation) -> torch.Tensor:
+            return est.aggregate(x, mask, mode, **counts)
+
+        opts: dict[str, Any] = {}
+        if cfg.loss == "ppo_clip":
+            opts = {
+                "clip_low": cfg.clip_low,
+                "clip_high": cfg.clip_high,
+                "dual_clip": cfg.dual_clip,
+            }
+        out = est.get_policy_loss(cfg.loss)(
+            logp, mb.sample_logp, mb.extras["advantages"], mask, **opts
+        )
+        pg_loss = agg(out.loss)
+        loss = pg_loss
+        stats = {"loss/policy": float(pg_loss.detach())}
+        if self.ref_policy is not None and cfg.kl_placement == "loss":
+            kl = est.compute_kl(cfg.kl_estimator, logp, mb.extras["ref_logp"], mask)
+            kl_loss = cfg.kl_coef * agg(kl)
+            loss = loss + kl_loss
+            stats["loss/kl"] = float(kl_loss.detach())
+        if cfg.entropy_coef:
+            loss = loss - cfg.entropy_coef * agg(entropy)
+        extra, extra_stats = self.extra_loss(mb, counts)
+        loss = loss + extra
+        stats |= extra_stats
+        with torch.no_grad():
+            stats["entropy"] = float(agg(entropy, "token-mean"))
+            stats["clip_frac"] = float(
+                agg(out.stats.get("clipped", torch.zeros_like(logp)), "token-mean")
+            )
+            log_ratio = (logp - mb.sample_logp) * mask
+            stats["approx_kl"] = float(agg(torch.expm1(log_ratio) - log_ratio, "token-mean"))
+        stats["loss/total"] = float(loss.detach())
+        return loss, stats
+
+    # ------------------------------------------------------------------ the loop
+    def learn(
+        self,
+        total_updates: int | None = None,
+        *,
+        total_tokens: int | None = None,
+        progress: bool = True,
+        callback: Callable[[Agent, dict[str, float]], Any] | None = None,
+    ) -> list[dict[str, float]]:
+        """Train until ``self.update == total_updates`` (or ``total_tokens`` response tokens).
+
+        Targets are absolute, so a loaded checkpoint continues the same run. With a
+        ``run_dir``, metrics go to ``metrics.csv`` (and TensorBoard when installed) and
+        a checkpoint is written atomically every ``checkpoint_every`` updates and at the
+        end. Returns this call's metrics. If a reward function fails, training stops with
+        :class:`TrainingError`; the last checkpoint is left as it was.
+        """
+        if total_updates is None and total_tokens is None:
+            raise ValueError("give total_updates or total_tokens")
+        logger = MetricsLogger(
+            self.run_dir, progress=progress, total=total_updates, start=self.update
+        )
+        out: list[dict[str, float]] = []
+
+        def more() -> bool:
+            if total_updates is not None and self.update >= total_updates:
+                return False
+            return total_tokens is None or self.tokens < total_tokens
+
+        try:
+            while more():
+                try:
+                    m = self.train_step()
+                except Exception as exc:
+                    ckpt = self.checkpoint_path
+                    where = f"; last checkpoint: {ckpt}" if ckpt and ckpt.exists() else ""
+                    raise TrainingError(
+                        f"{self.name}: training stopped in update {self.update + 1}: {exc}{where}"
+                    ) from exc
+                self.history.append(m)
+                out.append(m)
+                logger.log(m)
+                if callback is not None:
+                    callback(self, m)
+                every = self.config.checkpoint_every
+                if self.checkpoint_path and every and self.update % every == 0:
+                    self.save(self.checkpoint_path)
+            if self.checkpoint_path and out:
+                self.save(self.checkpoint_path)
+        finally:
+            logger.close()
+        return out
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return None if self.run_dir is None else self.run_dir / "checkpoint.pt"
+
+    @torch.no_grad()
+    def evaluate(self, prompt_indices: list[int] | None = None, *, greedy: bool = True) -> float:
+        """Mean reward over env batches covering ``prompt_indices`` (default: the pool)."""
+        from llm_mdp.agents.rollout import rollout_many
+
+        idx = list(range(len(self.env.task.prompts))) if prompt_indices is None else prompt_indices
+        state = self.policy.generator.get_state() if hasattr(self.policy, "generator") else None
+        rewards = rollout_many(self.env, self.policy, idx, [[] for _ in idx], greedy=greedy)
+        if state is not None:  # evaluation does not perturb the training run
+            self.policy.generator.set_state(state)  # type: ignore[attr-defined]
+        return float(rewards.mean())
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        gen = getattr(self.policy, "generator", None)
+        return {
+            "format": 1,
+            "agent": self.name,
+            "config": asdict(self.config),
+            "modules": {k: m.state_dict() for k, m in self.modules.items()},
+            "ref_policy": None
+            if self.ref_policy is None
+            else self._as_module(self.ref_policy).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "counters": {
+                "update": self.update,
+                "samples": self.samples,
+                "tokens": self.tokens,
+                "episodes": self.episodes,
+            },
+            "history": self.history,
+            "rng": {
+                "agent": self.rng.bit_generator.state,
+                "policy": None if gen is None else gen.get_state(),
+                "torch": torch.get_rng_state(),
+                "python": random.getstate(),
+            },
+            "extra": self.extra_state(),
+        }
+
+    def extra_state(self) -> dict[str, Any]:
+        """Agent-specific state to checkpoint (e.g. a running baseline)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`extra_state`."""
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write a checkpoint atomically (temp file + rename): never a half-written file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("agent") != self.name:
+            raise ValueError(f"checkpoint is for agent {state.get('agent')!r}, not {self.name!r}")
+        for k, m in self.modules.items():
+            m.load_state_dict(state["modules"][k])
+        if self.ref_policy is not None and state["ref_policy"] is not None:
+            self._as_module(self.ref_policy).load_state_dict(state["ref_policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        c = state["counters"]
+        self.update, self.samples, self.tokens = c["update"], c["samples"], c["tokens"]
+        self.episodes = c["episodes"]
+        self.history = list(state["history"])
+        self.rng.bit_generator.state = state["rng"]["agent"]
+        gen = getattr(self.policy, "generator", None)
+        if gen is not None and state["rng"]["policy"] is not None:
+            gen.set_state(state["rng"]["policy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        self.load_extra_state(state["extra"])
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        env: LLMTokenVectorEnv,
+        policy: Policy,
+        *,
+        run_dir: str | os.PathLike[str] | None = None,
+    ) -> Agent:
+        """Rebuild an agent from a checkpoint: config, weights, optimizer, RNG, counters.
+
+        ``env`` and ``policy`` must be built as for the original run (same task and
+        model architecture); the policy's weights are replaced by the checkpoint's.
+        """
+        state = torch.load(Path(path), map_location=policy.device, weights_only=False)
+        config = cls.config_class.from_dict(state["config"])
+        agent = cls(env, policy, config, run_dir=run_dir)
+        agent.load_state_dict(state)
+        return agent

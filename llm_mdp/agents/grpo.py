@@ -1,0 +1,51 @@
+"""GRPO (DeepSeekMath, arXiv 2402.03300): group-normalized rewards, clipped surrogate.
+
+``G`` responses per prompt; advantage ``(R_i - mean_group) / (std_group + eps)`` on every
+token, PPO-clip surrogate, per-sequence token mean, and ``beta * k3`` KL in the *loss*.
+paper-notes section 3: the mean includes the sample itself, so the mean-only variant is
+``(G-1)/G`` times the unbiased gradient; the std division re-weights groups (a
+per-group learning rate). Dr. GRPO (arXiv 2503.20783) is ``std_scaling="none"`` with
+``aggregation="seq-mean-token-sum-norm"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from llm_mdp import estimators as est
+from llm_mdp.agents.base import Agent, AgentConfig
+from llm_mdp.agents.rollout import Rollout
+
+
+@dataclass
+class GRPOConfig(AgentConfig):
+    """GRPO defaults from DeepSeekMath: clip 0.2, beta 0.04 with k3 in the loss.
+
+    Attributes:
+        std_scaling: ``"group"`` (GRPO), ``"batch"`` or ``"none"`` (Dr. GRPO).
+        std_eps: added to the std before dividing.
+    """
+
+    group_size: int = 8
+    loss: str = "ppo_clip"
+    aggregation: str = "seq-mean-token-mean"
+    kl_coef: float = 0.04
+    kl_estimator: str = "k3"
+    kl_placement: Literal["reward", "loss"] = "loss"
+    std_scaling: Literal["group", "batch", "none"] = "group"
+    std_eps: float = 1e-6
+
+
+class GRPO(Agent):
+    name = "grpo"
+    config_class = GRPOConfig
+    config: GRPOConfig
+
+    def advantages(self, batch: Rollout) -> torch.Tensor:
+        cfg = self.config
+        return est.compute_advantages(
+            "grpo", self.advantage_inputs(batch), std_scaling=cfg.std_scaling, eps=cfg.std_eps
+        )

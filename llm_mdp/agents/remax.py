@@ -1,0 +1,38 @@
+"""ReMax (Li et al., arXiv 2310.10505): REINFORCE with the greedy response as baseline.
+
+For each prompt, one sampled response ``W`` and one greedy response ``W_greedy`` (the
+policy in greedy mode through the same env); the weight is ``RM(W) - RM(W_greedy)``.
+The greedy reward depends on the prompt only, so the estimate stays unbiased.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llm_mdp import estimators as est
+from llm_mdp.agents.base import Agent, AgentConfig
+from llm_mdp.agents.rollout import Rollout, rollout
+
+
+@dataclass
+class ReMaxConfig(AgentConfig):
+    """ReMax: one sample and one greedy rollout per prompt, vanilla policy gradient."""
+
+
+class ReMax(Agent):
+    name = "remax"
+    config_class = ReMaxConfig
+
+    def collect(self) -> Rollout:
+        G = self.config.group_size
+        options = {"prompt_indices": self.sample_prompts(self.env.num_envs // G), "group_size": G}
+        batch = rollout(self.env, self.policy, options)
+        greedy = rollout(self.env, self.policy, options, greedy=True)
+        batch.extras["baseline"] = greedy.rewards
+        return batch
+
+    def advantages(self, batch: Rollout) -> torch.Tensor:
+        inputs = self.advantage_inputs(batch, baseline=batch.extras["baseline"])
+        return est.compute_advantages("remax", inputs)

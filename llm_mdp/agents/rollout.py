@@ -1,0 +1,150 @@
+"""Collecting episodes from the vector env through ``reset`` / ``step`` only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from llm_mdp.envs import LLMTokenVectorEnv
+from llm_mdp.policies import Policy
+
+
+@dataclass
+class Rollout:
+    """One batch of finished episodes, in the env's layout, trimmed to the longest response.
+
+    Attributes:
+        input_ids: ``(B, P + L)`` the final observations (prompt right-aligned in ``P``
+            columns, response from column ``P``), ``L`` = longest response in the batch.
+        attention_mask: ``(B, P + L)``.
+        prompt_width: ``P``.
+        rewards: ``(B,)`` float32, the sum of the step rewards = ``RM(W)`` under ZRA.
+        sample_logp: ``(B, L)`` log-probs of the sampled tokens under the rollout policy
+            (the ``old`` log-probs of PPO-style ratios), 0 on padding.
+        prompt_indices: ``(B,)`` index of each row's prompt in the task's pool.
+        group_size: rows per prompt (contiguous).
+        token_rewards: ``(B, L)`` true token rewards when the task reports them.
+        extras: per-agent tensors (values, baselines, advantages ...).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_width: int
+    rewards: torch.Tensor
+    sample_logp: torch.Tensor
+    prompt_indices: torch.Tensor
+    group_size: int = 1
+    token_rewards: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_width :]
+
+    @property
+    def response_mask(self) -> torch.Tensor:
+        """``(B, L)`` 1 on response tokens (EOS included)."""
+        return self.attention_mask[:, self.prompt_width :]
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(-1)
+
+    def select(self, rows: torch.Tensor) -> Rollout:
+        """The sub-batch ``rows`` (index tensor), extras included where they are per-row."""
+        n = len(self)
+
+        def pick(x: Any) -> Any:
+            return x[rows] if isinstance(x, torch.Tensor) and x.shape[:1] == (n,) else x
+
+        return replace(
+            self,
+            input_ids=self.input_ids[rows],
+            attention_mask=self.attention_mask[rows],
+            rewards=self.rewards[rows],
+            sample_logp=self.sample_logp[rows],
+            prompt_indices=self.prompt_indices[rows],
+            token_rewards=None if self.token_rewards is None else self.token_rewards[rows],
+            extras={k: pick(v) for k, v in self.extras.items()},
+        )
+
+
+@torch.no_grad()
+def rollout(
+    env: LLMTokenVectorEnv,
+    policy: Policy,
+    options: dict[str, Any],
+    *,
+    greedy: bool = False,
+) -> Rollout:
+    """Reset ``env`` with ``options`` and step it with ``policy`` until every row has ended.
+
+    The policy's KV cache is carried across steps; rewards are summed from the step
+    rewards the env pays (0.0 until a row ends, then ``RM(W)``). Every env row must be
+    covered by ``options`` (``prompt_indices`` x ``group_size``).
+    """
+    obs, _ = env.reset(options=options)
+    B, P = env.num_envs, env.P
+    device = env.device
+    logp = torch.zeros((B, env.R), dtype=torch.float32, device=device)
+    rewards = torch.zeros(B, dtype=torch.float64, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    token_rewards = None
+    state = None
+    rows = torch.arange(B, device=device)
+    col = obs["attention_mask"][:, P:].sum(-1)
+    while True:
+        actions, lp, state = policy.act(obs, state, greedy=greedy)
+        running = ~done
+        logp[rows[running], col[running]] = lp.to(device, torch.float32)[running]
+        col = col + running.long()
+        obs, r, term, trunc, info = env.step(actions)
+        rewards += r
+        if "token_rewards" in info:
+            tr, has = info["token_rewards"], info["_token_rewards"]
+            token_rewards = torch.zeros_like(tr) if token_rewards is None else token_rewards
+            token_rewards[has] = tr[has]
+        done = done | term | trunc
+        if bool(done.all()):
+            break
+    ids, mask = obs["input_ids"], obs["attention_mask"]
+    L = int(mask[:, P:].sum(-1).max())
+    return Rollout(
+        input_ids=ids[:, : P + L],
+        attention_mask=mask[:, : P + L],
+        prompt_width=P,
+        rewards=rewards.float(),
+        sample_logp=logp[:, :L] * mask[:, P : P + L],
+        prompt_indices=env.prompt_index.clone(),
+        group_size=int(options.get("group_size") or 1),
+        token_rewards=None if token_rewards is None else token_rewards[:, :L].float(),
+    )
+
+
+def rollout_many(
+    env: LLMTokenVectorEnv,
+    policy: Policy,
+    prompt_indices: list[int],
+    prefixes: list[list[int]],
+    *,
+    greedy: bool = False,
+) -> torch.Tensor:
+    """Rewards ``(n,)`` of one episode from each ``(prompt, response prefix)`` start state.
+
+    Runs ``ceil(n / num_envs)`` env batches; the last one is padded with copies of the
+    first start state, whose results are dropped. Used for TRePO's Monte Carlo values.
+    """
+    n, B = len(prompt_indices), env.num_envs
+    out = []
+    for lo in range(0, n, B):
+        idx, pre = prompt_indices[lo : lo + B], prefixes[lo : lo + B]
+        k = len(idx)
+        idx, pre = idx + [idx[0]] * (B - k), pre + [pre[0]] * (B - k)
+        ro = rollout(env, policy, {"prompt_indices": idx, "response_prefix": pre}, greedy=greedy)
+        out.append(ro.rewards[:k])
+    return torch.cat(out) if out else torch.zeros(0, device=env.device)
