@@ -162,7 +162,17 @@ def build(opts: dict[str, Any]) -> tuple[Any, Any, Any]:
         raise CLIError(str(exc)) from None
     if opts["task"] not in TASKS:
         raise CLIError(f"unknown task {opts['task']!r}; known tasks: {', '.join(sorted(TASKS))}")
+    from llm_mdp.distributed import init_from_env
+
+    ctx = init_from_env()  # torchrun: one process group, each rank a shard of the batch
     device = resolve_device(opts["device"])
+    if ctx.enabled and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    if int(opts["num_envs"]) % ctx.world_size:
+        raise CLIError(
+            f"--num-envs {opts['num_envs']} is not divisible by the world size {ctx.world_size}"
+        )
+    num_envs = int(opts["num_envs"]) // ctx.world_size
     model_name = str(opts["model"])
     tokenizer = None
     model = None
@@ -177,7 +187,7 @@ def build(opts: dict[str, Any]) -> tuple[Any, Any, Any]:
         raise CLIError(f"task {opts['task']!r}: bad --task-arg: {exc}") from None
     except ValueError as exc:
         raise CLIError(f"task {opts['task']!r}: {exc}") from None
-    env = LLMTokenVectorEnv(task, int(opts["num_envs"]), device=device)
+    env = LLMTokenVectorEnv(task, num_envs, device=device)
     if model is None:
         factory = tiny_gpt2 if model_name == "tiny-gpt2" else tiny_llama
         model = factory(
@@ -263,21 +273,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(opts["run_dir"] or f"runs/{stamp}-{opts['agent']}-{opts['task']}")
     env, policy, (agent_cls, config) = build(opts)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    from llm_mdp.distributed import context
+
+    main_rank = context().is_main  # under torchrun only rank 0 writes and prints
     opts["run_dir"] = str(run_dir)
     if args.resume is not None:
         agent = agent_cls.load(run_dir / "checkpoint.pt", env, policy, run_dir=run_dir)
-        print(f"resuming {run_dir} at update {agent.update}")
+        if main_rank:
+            print(f"resuming {run_dir} at update {agent.update}")
     else:
         agent = agent_cls(env, policy, config, run_dir=run_dir)
-        (run_dir / "run.json").write_text(
-            json.dumps(opts | {"agent_config": dataclasses.asdict(config)}, indent=2, default=str)
+        if main_rank:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            record = opts | {"agent_config": dataclasses.asdict(config)}
+            (run_dir / "run.json").write_text(json.dumps(record, indent=2, default=str))
+            (run_dir / "samples_before.txt").write_text(sample_table(agent))
+    if main_rank:
+        print(
+            f"{agent_cls.__name__} on {opts['task']} with {opts['model']} ({_count(policy)} "
+            f"parameters), {env.num_envs * context().world_size} episodes per update, device "
+            f"{env.device} x {context().world_size} process(es) -> {run_dir}"
         )
-        (run_dir / "samples_before.txt").write_text(sample_table(agent))
-    print(
-        f"{agent_cls.__name__} on {opts['task']} with {opts['model']} ({_count(policy)} parameters), "
-        f"{env.num_envs} episodes per update, device {env.device} -> {run_dir}"
-    )
     from llm_mdp.agents import TrainingError
 
     try:
@@ -287,6 +303,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingError as exc:
         print(f"llm-mdp: error: {exc}", file=sys.stderr)
         return 1
+    if not main_rank:
+        return 0
     (run_dir / "samples_after.txt").write_text(sample_table(agent))
     rows = read_metrics(run_dir / "metrics.csv")
     from llm_mdp.plotting import plot_learning_curve
@@ -303,7 +321,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"mean reward: first {k} updates {first:.3f} -> last {k} updates {last:.3f}")
     print(f"greedy reward over the prompt pool: {agent.evaluate():.3f}")
     print(
-        f"wrote {run_dir}/: run.json metrics.csv checkpoint.pt {png.name} samples_before.txt samples_after.txt"
+        f"wrote {run_dir}/: run.json metrics.csv checkpoint.pt {png.name} "
+        "samples_before.txt samples_after.txt"
     )
     return 0
 

@@ -4,6 +4,10 @@ An agent is a thin subclass that says how it collects episodes (groups, a greedy
 baseline, Monte Carlo value rollouts) and which registered advantage estimator it uses;
 the loop, the loss, KL handling, logging and checkpoints live here once.
 
+Data parallel (``torchrun``, see :mod:`llm_mdp.distributed`): each rank runs this loop on
+its shard of the global batch; counts and gradients are summed over ranks, so the
+update equals the single-process one on the whole batch.
+
 One update::
 
     batch = agent.collect()                 # through env.reset / env.step only
@@ -32,11 +36,14 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
+from llm_mdp import distributed
 from llm_mdp import estimators as est
 from llm_mdp.agents.logger import MetricsLogger
-from llm_mdp.agents.rollout import Rollout, rollout
+from llm_mdp.agents.rollout import Rollout, rollout, stream_ids
 from llm_mdp.envs import LLMTokenVectorEnv
 from llm_mdp.policies import Policy
+
+STREAM_MAIN, STREAM_VALUE = 0, 1  # kinds of random streams (see Agent.streams)
 
 
 class TrainingError(RuntimeError):
@@ -163,11 +170,12 @@ class Agent:
                 f"tokenizer {env.vocab_size}; build the policy for this task's tokenizer"
             )
         self.env, self.policy = env, policy
-        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.dist = distributed.context()
+        self.run_dir = Path(run_dir) if run_dir is not None and self.dist.is_main else None
         self.device = policy.device
-        self.rng = np.random.default_rng(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)  # shared by all ranks: same draws everywhere
         torch.manual_seed(cfg.seed)
-        policy.seed(cfg.seed)
+        policy.seed(cfg.seed + self.dist.rank)
         policy.temperature = cfg.temperature
         self._as_module(policy).eval()
         self.ref_policy: Policy | None = None
@@ -194,7 +202,8 @@ class Agent:
         """One batch of episodes: ``num_envs / G`` sampled prompts, each ``G`` times."""
         G = self.config.group_size
         idx = self.sample_prompts(self.env.num_envs // G)
-        return rollout(self.env, self.policy, {"prompt_indices": idx, "group_size": G})
+        options = {"prompt_indices": idx, "group_size": G}
+        return rollout(self.env, self.policy, options, streams=self.streams(STREAM_MAIN))
 
     def advantages(self, batch: Rollout) -> torch.Tensor:
         """Per-token weights ``(B, L)`` of ``grad log pi``; see ``llm_mdp.estimators``."""
@@ -223,8 +232,23 @@ class Agent:
         return policy
 
     def sample_prompts(self, n: int) -> list[int]:
-        """``n`` prompt indices drawn uniformly with the agent's generator."""
-        return self.rng.integers(0, len(self.env.task.prompts), size=n).tolist()
+        """This rank's ``n`` prompt indices: its slice of ``n * world_size`` drawn uniformly
+        with the generator every rank shares."""
+        W, r = self.dist.world_size, self.dist.rank
+        idx = self.rng.integers(0, len(self.env.task.prompts), size=n * W)
+        return idx[r * n : (r + 1) * n].tolist()
+
+    @property
+    def global_rows(self) -> torch.Tensor:
+        """``(num_envs,)`` the env rows' indices in the global batch (rank-major)."""
+        B, r = self.env.num_envs, self.dist.rank
+        return torch.arange(r * B, (r + 1) * B, device=self.env.device)
+
+    def streams(self, kind: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Counter-based random streams for ``rows`` (default: this rank's global rows) in
+        this update; ``kind`` separates main and value rollouts."""
+        rows = self.global_rows if rows is None else rows
+        return stream_ids(self.config.seed, self.update, kind, rows=rows)
 
     def advantage_inputs(self, batch: Rollout, **kwargs: Any) -> est.AdvantageInputs:
         return est.AdvantageInputs(
@@ -261,28 +285,58 @@ class Agent:
         metrics |= self.optimize(batch)
         t2 = time.perf_counter()
 
-        n_tok = int(mask.sum())
+        local = [len(batch), float(mask.sum()), self.env.episodes_finished - episodes_before]
+        totals = self.dist.all_reduce(torch.tensor(local, dtype=torch.float64, device=self.device))
+        n_seq, n_tok, n_ep = (int(x) for x in totals.tolist())
         self.update += 1
-        self.samples += len(batch)
+        self.samples += n_seq
         self.tokens += n_tok
-        self.episodes += self.env.episodes_finished - episodes_before
+        self.episodes += n_ep
         r = batch.rewards
-        return {
-            "update": self.update,
-            "samples": self.samples,
-            "tokens": self.tokens,
-            "episodes": self.episodes,
-            "reward/mean": float(r.mean()),
-            "reward/std": float(r.std()) if len(r) > 1 else 0.0,
-            "reward/max": float(r.max()),
-            "reward/min": float(r.min()),
-            "response/length": float(mask.sum(-1).float().mean()),
-            "advantage/mean": float((adv * mask).sum() / mask.sum().clamp(min=1)),
-            **metrics,
-            "time/rollout": t1 - t0,
-            "time/update": t2 - t1,
-            "tokens_per_s": n_tok / max(t2 - t0, 1e-9),
-        }
+        return self._reduce_metrics(
+            {
+                "update": self.update,
+                "samples": self.samples,
+                "tokens": self.tokens,
+                "episodes": self.episodes,
+                "reward/mean": float(r.mean()),
+                "reward/std": float(r.std()) if len(r) > 1 else 0.0,
+                "reward/max": float(r.max()),
+                "reward/min": float(r.min()),
+                "response/length": float(mask.sum(-1).float().mean()),
+                "advantage/mean": float((adv * mask).sum() / mask.sum().clamp(min=1)),
+                **metrics,
+                "time/rollout": t1 - t0,
+                "time/update": t2 - t1,
+                "tokens_per_s": n_tok / max(t2 - t0, 1e-9),
+            }
+        )
+
+    def _reduce_metrics(self, m: dict[str, float]) -> dict[str, float]:
+        """Combine per-rank metrics: counters are global already, ``*/max`` and ``*/min``
+        take the extreme, ``time/*`` the slowest rank, the rest the mean over ranks."""
+        if not self.dist.enabled:
+            return m
+        out = dict(m)
+        groups: dict[str, list[str]] = {"max": [], "min": [], "sum": []}
+        for k in m:
+            if k in ("update", "samples", "tokens", "episodes", "tokens_per_s"):
+                continue
+            op = (
+                "max"
+                if k.endswith("/max") or k.startswith("time/")
+                else "min"
+                if k.endswith("/min")
+                else "sum"
+            )
+            groups[op].append(k)
+        for op, keys in groups.items():
+            if keys:
+                v = torch.tensor([m[k] for k in keys], dtype=torch.float64, device=self.device)
+                v = self.dist.all_reduce(v, op).tolist()
+                scale = self.dist.world_size if op == "sum" else 1
+                out |= {k: x / scale for k, x in zip(keys, v, strict=True)}
+        return out  # tokens_per_s is global already: global tokens / this rank's time
 
     def optimize(self, batch: Rollout) -> dict[str, float]:
         """``epochs`` x ``minibatches`` optimizer steps with gradient accumulation."""
@@ -296,6 +350,7 @@ class Agent:
                 self.optimizer.zero_grad(set_to_none=True)
                 stats = self.accumulate_gradients(batch.select(mb_rows))
                 params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                self.dist.all_reduce_grads(params)
                 norm = torch.nn.utils.clip_grad_norm_(
                     params, cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
                 )
@@ -312,14 +367,12 @@ class Agent:
         """Backpropagate the minibatch loss micro-batch by micro-batch into ``.grad``.
 
         Every micro-batch is normalized by the *minibatch's* counts (sequences, tokens,
-        the length cap), so the accumulated gradient does not depend on
-        ``micro_batch_size``.
+        the length cap) summed over ranks, so the accumulated gradient does not depend
+        on ``micro_batch_size`` nor (after the all-reduce) on the world size.
         """
-        counts = {
-            "num_sequences": float(len(mb)),
-            "num_tokens": float(mb.response_mask.sum()),
-            "max_len": float(self.env.R),
-        }
+        n = torch.tensor([len(mb), float(mb.response_mask.sum())], dtype=torch.float64)
+        n_seq, n_tok = self.dist.all_reduce(n.to(self.device)).tolist()
+        counts = {"num_sequences": n_seq, "num_tokens": n_tok, "max_len": float(self.env.R)}
         stats: dict[str, float] = {}
         for micro in self._micro_batches(mb):
             loss, s = self.loss(micro, counts)
@@ -402,7 +455,10 @@ class Agent:
         if total_updates is None and total_tokens is None:
             raise ValueError("give total_updates or total_tokens")
         logger = MetricsLogger(
-            self.run_dir, progress=progress, total=total_updates, start=self.update
+            self.run_dir,
+            progress=progress and self.dist.is_main,
+            total=total_updates,
+            start=self.update,
         )
         out: list[dict[str, float]] = []
 

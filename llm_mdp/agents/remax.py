@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from llm_mdp import estimators as est
-from llm_mdp.agents.base import Agent, AgentConfig
+from llm_mdp.agents.base import STREAM_MAIN, Agent, AgentConfig
 from llm_mdp.agents.rollout import Rollout, rollout
 
 
@@ -28,7 +28,7 @@ class ReMax(Agent):
     def collect(self) -> Rollout:
         G = self.config.group_size
         options = {"prompt_indices": self.sample_prompts(self.env.num_envs // G), "group_size": G}
-        batch = rollout(self.env, self.policy, options)
+        batch = rollout(self.env, self.policy, options, streams=self.streams(STREAM_MAIN))
         greedy = rollout(self.env, self.policy, options, greedy=True)
         batch.extras["baseline"] = greedy.rewards
         return batch

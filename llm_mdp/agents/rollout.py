@@ -1,4 +1,11 @@
-"""Collecting episodes from the vector env through ``reset`` / ``step`` only."""
+"""Collecting episodes from the vector env through ``reset`` / ``step`` only.
+
+Randomness is counter-based: the uniform that samples the token at position ``c`` of a
+row is a hash of ``(stream id of the row, c)``. A row's episode therefore depends only on
+its stream id -- not on the batch it runs in, the order of rows, or how many processes
+share the work -- which makes data-parallel runs equal single-process runs and makes
+resuming a run need no generator state.
+"""
 
 from __future__ import annotations
 
@@ -74,6 +81,45 @@ class Rollout:
         )
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(x: int) -> int:
+    x &= _MASK64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_C1, _C2, _GOLDEN = (
+    _signed(0xBF58476D1CE4E5B9),
+    _signed(0x94D049BB133111EB),
+    _signed(0x9E3779B97F4A7C15),
+)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finalizer on int64 tensors (wrapping multiply, logical shifts)."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _C1
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _C2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def stream_ids(*key: int, rows: torch.Tensor) -> torch.Tensor:
+    """Stream ids ``(len(rows),)`` int64 for ``rows`` under a tuple of integer ``key`` parts
+    (e.g. ``(seed, update, kind)``): distinct keys give independent streams."""
+    h = torch.zeros((), dtype=torch.long, device=rows.device)
+    for part in key:
+        h = _mix(h ^ _signed(int(part) * 0x9E3779B97F4A7C15 + 1))
+    return _mix(h ^ rows.long())
+
+
+def counter_uniforms(streams: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` float64 uniforms in ``[0, 1)``, a pure function of ``(stream, position)``."""
+    x = _mix(streams ^ _mix(positions.long() * _GOLDEN + 1))
+    return ((x >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
+
+
 @torch.no_grad()
 def rollout(
     env: LLMTokenVectorEnv,
@@ -81,12 +127,15 @@ def rollout(
     options: dict[str, Any],
     *,
     greedy: bool = False,
+    streams: torch.Tensor | None = None,
 ) -> Rollout:
     """Reset ``env`` with ``options`` and step it with ``policy`` until every row has ended.
 
     The policy's KV cache is carried across steps; rewards are summed from the step
     rewards the env pays (0.0 until a row ends, then ``RM(W)``). Every env row must be
-    covered by ``options`` (``prompt_indices`` x ``group_size``).
+    covered by ``options`` (``prompt_indices`` x ``group_size``). With ``streams``
+    (``(B,)`` ids from :func:`stream_ids`) the draws are counter-based; without, the
+    policy's own generator draws.
     """
     obs, _ = env.reset(options=options)
     B, P = env.num_envs, env.P
@@ -99,7 +148,8 @@ def rollout(
     rows = torch.arange(B, device=device)
     col = obs["attention_mask"][:, P:].sum(-1)
     while True:
-        actions, lp, state = policy.act(obs, state, greedy=greedy)
+        u = None if streams is None or greedy else counter_uniforms(streams, col)
+        actions, lp, state = policy.act(obs, state, greedy=greedy, uniforms=u)
         running = ~done
         logp[rows[running], col[running]] = lp.to(device, torch.float32)[running]
         col = col + running.long()
@@ -133,11 +183,13 @@ def rollout_many(
     prefixes: list[list[int]],
     *,
     greedy: bool = False,
+    streams: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rewards ``(n,)`` of one episode from each ``(prompt, response prefix)`` start state.
 
     Runs ``ceil(n / num_envs)`` env batches; the last one is padded with copies of the
     first start state, whose results are dropped. Used for TRePO's Monte Carlo values.
+    ``streams`` (``(n,)``) makes each episode's randomness its own, whatever the chunking.
     """
     n, B = len(prompt_indices), env.num_envs
     out = []
@@ -145,6 +197,11 @@ def rollout_many(
         idx, pre = prompt_indices[lo : lo + B], prefixes[lo : lo + B]
         k = len(idx)
         idx, pre = idx + [idx[0]] * (B - k), pre + [pre[0]] * (B - k)
-        ro = rollout(env, policy, {"prompt_indices": idx, "response_prefix": pre}, greedy=greedy)
+        s = None
+        if streams is not None:
+            s = streams[lo : lo + B]
+            s = torch.cat([s, s[:1].expand(B - k)])
+        options = {"prompt_indices": idx, "response_prefix": pre}
+        ro = rollout(env, policy, options, greedy=greedy, streams=s)
         out.append(ro.rewards[:k])
     return torch.cat(out) if out else torch.zeros(0, device=env.device)

@@ -26,10 +26,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from llm_mdp import estimators as est
-from llm_mdp.agents.base import Agent, AgentConfig
+from llm_mdp.agents.base import STREAM_VALUE, Agent, AgentConfig
 from llm_mdp.agents.rollout import Rollout, rollout_many
 
 
@@ -77,6 +78,7 @@ class TRePO(Agent):
         lengths = batch.response_lengths.tolist()
         responses = batch.response_ids.tolist()
         prompts = batch.prompt_indices.tolist()
+        rows = self.global_rows.tolist()
 
         # which prefix values to estimate: column c is V_hat(s_{c+1}), c response tokens
         before: set[tuple[int, int]] = set()
@@ -84,9 +86,10 @@ class TRePO(Agent):
         for i, T in enumerate(lengths):
             positions: list[int] = list(range(1, T + 1))
             if cfg.num_anchors is not None and cfg.num_anchors < T:
-                positions = sorted(
-                    (self.rng.choice(T, cfg.num_anchors, replace=False) + 1).tolist()
-                )
+                # a row's anchors depend on (seed, update, global row) only: the same
+                # whatever the batching or the world size
+                row_rng = np.random.default_rng([cfg.seed, self.update, rows[i]])
+                positions = sorted((row_rng.choice(T, cfg.num_anchors, replace=False) + 1).tolist())
             for t in positions:
                 if t - 1 > 0:
                     before.add((i, t - 1))
@@ -94,13 +97,23 @@ class TRePO(Agent):
                     after.add((i, t))
         fresh = cfg.value_estimates == "fresh"
         jobs = sorted(before | (set() if fresh else after)) + (sorted(after) if fresh else [])
+        n_before = len(jobs) - (len(after) if fresh else 0)
         K = cfg.rollouts_per_prefix
-        starts = [(i, c) for (i, c) in jobs for _ in range(K)]
+        starts = [(j, i, c, k) for j, (i, c) in enumerate(jobs) for k in range(K)]
+        # one random stream per (global row, column, k, before/after): independent of how
+        # the value rollouts are chunked into env batches
+        keys = [
+            (rows[i] << 32) | (c << 16) | (k << 1) | int(j >= n_before) for j, i, c, k in starts
+        ]
+        streams = self.streams(
+            STREAM_VALUE, torch.tensor(keys, dtype=torch.long, device=self.env.device)
+        )
         rewards = rollout_many(
             self.env,
             self.policy,
-            [prompts[i] for i, _ in starts],
-            [responses[i][:c] for i, c in starts],
+            [prompts[i] for _, i, _, _ in starts],
+            [responses[i][:c] for _, i, c, _ in starts],
+            streams=streams,
         )
         means = rewards.view(-1, K).mean(1).tolist() if starts else []
 
@@ -108,7 +121,6 @@ class TRePO(Agent):
         values = torch.zeros((B, L + 1), device=dev)
         known = torch.zeros((B, L + 1), dtype=torch.bool, device=dev)
         next_values = torch.zeros((B, L), device=dev) if fresh else None
-        n_before = len(jobs) - (len(after) if fresh else 0)
         for j, ((i, c), v) in enumerate(zip(jobs, means, strict=True)):
             if j < n_before:
                 values[i, c], known[i, c] = v, True

@@ -44,12 +44,18 @@ class Policy(Protocol):
         ...
 
     def act(
-        self, obs: Observation, state: Any = None, *, greedy: bool = False
+        self,
+        obs: Observation,
+        state: Any = None,
+        *,
+        greedy: bool = False,
+        uniforms: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """Next token per row: ``(actions (B,), log_probs (B,), new_state)``.
 
         ``state`` is whatever the previous call returned (``None`` on the first call); it
-        is consumed by the call (pass the returned one on). ``log_probs`` are those of the
+        is consumed by the call (pass the returned one on). ``uniforms`` (``(B,)`` in
+        ``[0, 1)``), when given, replace the policy's own generator for the draw. ``log_probs`` are those of the
         sampling distribution ``softmax(logits / temperature)``, also for ``greedy=True``.
         """
         ...

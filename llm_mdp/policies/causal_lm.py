@@ -243,7 +243,12 @@ class CausalLMPolicy(nn.Module):
     # ------------------------------------------------------------------ acting
     @torch.no_grad()
     def act(
-        self, obs: Observation, state: KVState | None = None, *, greedy: bool = False
+        self,
+        obs: Observation,
+        state: KVState | None = None,
+        *,
+        greedy: bool = False,
+        uniforms: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, KVState]:
         """Choose the next token of every row.
 
@@ -255,6 +260,8 @@ class CausalLMPolicy(nn.Module):
                 observation that is not "previous + returned action / unchanged" on every
                 row, triggers a full prefill (same results, more compute).
             greedy: argmax instead of sampling.
+            uniforms: ``(B,)`` draws in ``[0, 1)`` to sample with instead of the policy's
+                generator (counter-based randomness, see ``sampling.sample_categorical``).
 
         Returns:
             ``actions (B,)`` int64, ``log_probs (B,)`` float32 under
@@ -276,7 +283,11 @@ class CausalLMPolicy(nn.Module):
         if state is not None:
             state.spent = True
         actions, logp = sample_from_logits(
-            new_state.logits, temperature=self.temperature, greedy=greedy, generator=self.generator
+            new_state.logits,
+            temperature=self.temperature,
+            greedy=greedy,
+            generator=self.generator,
+            uniforms=uniforms,
         )
         new_state.actions = actions
         return actions, logp, new_state

@@ -42,6 +42,7 @@ def sample_categorical(
     generator: torch.Generator | None = None,
     *,
     blocked: bool | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One draw per row from the (unnormalised, non-negative) rows of ``probs``.
 
@@ -64,6 +65,9 @@ def sample_categorical(
         generator: RNG on ``probs.device``; the global RNG when None.
         blocked: force the two-level (True) or the single-cumsum (False) CDF. Default:
             two-level on CPU when ``V >= 4096``.
+        uniforms: ``(B,)`` draws in ``[0, 1)`` to use instead of ``generator`` (one per
+            row): a caller with counter-based randomness gets results that do not depend
+            on how rows are batched (``llm_mdp.agents.rollout.counter_uniforms``).
 
     Returns:
         ``(B,)`` int64 token ids.
@@ -71,26 +75,33 @@ def sample_categorical(
     if blocked is None:
         blocked = probs.device.type == "cpu" and probs.shape[-1] >= BLOCKED_MIN_VOCAB
     if blocked:
-        return _sample_blocked(probs, generator)
+        return _sample_blocked(probs, generator, uniforms)
     cdf = probs.cumsum(dim=-1)
-    idx = torch.searchsorted(cdf, _uniform_up_to(cdf[:, -1:], generator), right=False)
+    idx = torch.searchsorted(cdf, _uniform_up_to(cdf[:, -1:], generator, uniforms), right=False)
     return idx.squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
-def _uniform_up_to(total: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _uniform_up_to(
+    total: torch.Tensor, generator: torch.Generator | None, uniforms: torch.Tensor | None = None
+) -> torch.Tensor:
     """``U(0, total]`` per row: ``(1 - rand) * total`` never exceeds ``total`` in floats."""
-    rand = torch.rand(total.shape, device=total.device, dtype=total.dtype, generator=generator)
+    if uniforms is not None:
+        rand = uniforms.to(total.device, total.dtype).reshape(total.shape)
+    else:
+        rand = torch.rand(total.shape, device=total.device, dtype=total.dtype, generator=generator)
     return (1.0 - rand) * total
 
 
-def _sample_blocked(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _sample_blocked(
+    probs: torch.Tensor, generator: torch.Generator | None, uniforms: torch.Tensor | None
+) -> torch.Tensor:
     batch, vocab = probs.shape
     n_full = vocab // BLOCK
     block_sums = probs[:, : n_full * BLOCK].view(batch, n_full, BLOCK).sum(-1)
     if n_full * BLOCK < vocab:  # the ragged tail is one more block
         block_sums = torch.cat([block_sums, probs[:, n_full * BLOCK :].sum(-1, keepdim=True)], 1)
     cdf_b = block_sums.cumsum(-1)
-    u = _uniform_up_to(cdf_b[:, -1:], generator)
+    u = _uniform_up_to(cdf_b[:, -1:], generator, uniforms)
     # first block reaching u: it has positive mass and u - (mass before it) > 0
     blk = torch.searchsorted(cdf_b, u, right=False).clamp_(max=cdf_b.shape[1] - 1)
     before = torch.where(blk > 0, cdf_b.gather(1, (blk - 1).clamp(min=0)), 0.0)
@@ -110,6 +121,7 @@ def sample_from_logits(
     temperature: float = 1.0,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw actions from ``softmax(logits / temperature)`` and return their log-probs.
 
@@ -122,6 +134,7 @@ def sample_from_logits(
             number a teacher-forced ``log_probs`` call gives for that token, so every
             log-prob a policy returns refers to one distribution.
         generator: RNG for the draw.
+        uniforms: ``(B,)`` in ``[0, 1)``, used instead of ``generator`` when given.
 
     Returns:
         ``(actions (B,) int64, log_probs (B,) float32)``.
@@ -136,5 +149,9 @@ def sample_from_logits(
         )
     scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
     logp = torch.log_softmax(scaled, dim=-1)
-    actions = logits.argmax(dim=-1) if greedy else sample_categorical(logp.exp(), generator)
+    actions = (
+        logits.argmax(dim=-1)
+        if greedy
+        else sample_categorical(logp.exp(), generator, uniforms=uniforms)
+    )
     return actions, logp.gather(-1, actions.unsqueeze(-1)).squeeze(-1)

@@ -187,7 +187,12 @@ class TabularPolicy(nn.Module):
 
     @torch.no_grad()
     def act(
-        self, obs: Observation, state: Any = None, *, greedy: bool = False
+        self,
+        obs: Observation,
+        state: Any = None,
+        *,
+        greedy: bool = False,
+        uniforms: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Next token per row; same contract as :meth:`CausalLMPolicy.act`.
 
@@ -207,7 +212,11 @@ class TabularPolicy(nn.Module):
         idx = torch.tensor(rows, device=self.device)
         logits = self.logits[idx.clamp(min=0)]
         actions, logp = sample_from_logits(
-            logits, temperature=self.temperature, greedy=greedy, generator=self.generator
+            logits,
+            temperature=self.temperature,
+            greedy=greedy,
+            generator=self.generator,
+            uniforms=uniforms,
         )
         done = idx < 0
         actions = actions.masked_fill(done, self.eos_token_id)
