@@ -88,9 +88,10 @@ def test_vector_env_groups_prefix_and_frozen_rows() -> None:
     _, r, term, _, info = env.step(torch.tensor([eos, a, a, a]))
     assert term.tolist() == [True, False, False, False]
     assert r[0].item() == 0.0 and info["response"][0] == ""
-    # a frozen row ignores its action, pays 0 and stays done
+    # a frozen row ignores its action and pays 0; the flags report the step a row ends
     _, r, term, _, _ = env.step(torch.tensor([a, a, a, a]))
-    assert term.tolist() == [True, False, True, False] and r[0].item() == 0.0
+    assert term.tolist() == [False, False, True, False] and r[0].item() == 0.0
+    assert env.done.tolist() == [True, False, True, False]
     assert r[2].item() == pytest.approx(2 / 8)  # prefix 'bc' + 'aa': 2 hits of 8 slots
     assert env.ids[0, env.P].item() == eos and env.mask[0, env.P + 1].item() == 0
     while not env.all_done:

@@ -30,8 +30,9 @@ class LLMTokenEnv(gym.Env):
     ``task.prompts``), and ``response_prefix`` (list of token ids already generated), so
     any node of the response tree can be the start state.
 
-    When the episode ends, ``info`` holds ``prompt`` and ``response`` text and, for tasks
-    with true token-level rewards, ``token_rewards`` (length ``T``).
+    When the episode ends, ``info`` holds ``prompt`` and ``response`` text (unless
+    ``info_text=False``: then nothing is decoded) and, for tasks with true token-level
+    rewards, ``token_rewards`` (length ``T``).
     """
 
     metadata: dict[str, Any] = {"render_modes": ["ansi", "human"], "render_fps": 4}  # noqa: RUF012
@@ -44,6 +45,7 @@ class LLMTokenEnv(gym.Env):
         max_prompt_tokens: int | None = None,
         length_cap: LengthCap = "terminated",
         render_mode: str | None = None,
+        info_text: bool = True,
         task_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self._vec = LLMTokenVectorEnv(
@@ -54,6 +56,7 @@ class LLMTokenEnv(gym.Env):
             length_cap=length_cap,
             device="cpu",
             backend="numpy",
+            info_text=info_text,
             task_kwargs=task_kwargs,
         )
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:

@@ -57,10 +57,13 @@ class LLMTokenVectorEnv(VectorEnv):
             part of the task) or ``"truncated"`` (a time limit).
         device: where the state lives; ``"auto"`` picks CUDA when available.
         backend: ``"torch"`` (tensors in and out, the built-in agents' hot path) or
-            ``"numpy"`` (arrays, for Gymnasium and SB3 tooling).
+            ``"numpy"`` (arrays: use it with Gymnasium's vector wrappers, which expect
+            NumPy, e.g. ``RecordEpisodeStatistics``).
         autoreset_mode: ``DISABLED`` (default; the built-in agents run whole synchronous
-            batches: finished rows are frozen, their actions ignored, their reward 0 and
-            their done flags stay set, until ``reset``), ``SAME_STEP`` (SB3-style: a
+            batches: finished rows are frozen, their actions ignored, until ``reset``;
+            ``terminated``/``truncated`` are True only on the step a row ends, as for
+            Gymnasium's vector envs, while :attr:`done` / :attr:`all_done` keep the
+            state), ``SAME_STEP`` (SB3-style: a
             finished row is reset within the same ``step``; its last observation is in
             ``info["final_obs"]``) or ``NEXT_STEP`` (Gymnasium's default).
         info_text: put decoded prompt and response text in ``info`` when a row finishes.
@@ -311,7 +314,8 @@ class LLMTokenVectorEnv(VectorEnv):
             batch = self.response_batch(done_rows)
             reward[done_rows] = self.task.score(batch).to(self.device)
             self._finish_info(info, done_rows, batch, reward)
-        terminated, truncated = self.terminated.clone(), self.truncated.clone()
+        # the flags report the step a row ends; ``self.done`` keeps the state
+        terminated, truncated = self.terminated & finished, self.truncated & finished
         if self.autoreset_mode == AutoresetMode.NEXT_STEP:
             self._autoreset_pending = finished
         if self.autoreset_mode == AutoresetMode.SAME_STEP and bool(finished.any()):
