@@ -333,9 +333,9 @@ class Agent:
         for op, keys in groups.items():
             if keys:
                 v = torch.tensor([m[k] for k in keys], dtype=torch.float64, device=self.device)
-                v = self.dist.all_reduce(v, op).tolist()
+                reduced = self.dist.all_reduce(v, op).tolist()
                 scale = self.dist.world_size if op == "sum" else 1
-                out |= {k: x / scale for k, x in zip(keys, v, strict=True)}
+                out |= {k: x / scale for k, x in zip(keys, reduced, strict=True)}
         return out  # tokens_per_s is global already: global tokens / this rank's time
 
     def optimize(self, batch: Rollout) -> dict[str, float]:

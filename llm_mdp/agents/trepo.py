@@ -120,7 +120,7 @@ class TRePO(Agent):
         dev = batch.rewards.device
         values = torch.zeros((B, L + 1), device=dev)
         known = torch.zeros((B, L + 1), dtype=torch.bool, device=dev)
-        next_values = torch.zeros((B, L), device=dev) if fresh else None
+        next_values = torch.full((B, L), float("nan"), device=dev) if fresh else None
         for j, ((i, c), v) in enumerate(zip(jobs, means, strict=True)):
             if j < n_before:
                 values[i, c], known[i, c] = v, True
@@ -129,6 +129,8 @@ class TRePO(Agent):
                 next_values[i, c - 1] = v
                 if (i, c) not in before:  # an "after" estimate is also V_hat at column c
                     values[i, c], known[i, c] = v, True
+        if next_values is not None:  # no fresh estimate of V_hat(s_{t+1}): use the shared one
+            next_values = torch.where(next_values.isnan(), values[:, 1:], next_values)
         # V_hat(s_1): leave-one-out mean of the other responses to the same prompt
         G = batch.group_size
         r = batch.rewards.view(-1, G)

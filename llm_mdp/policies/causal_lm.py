@@ -430,5 +430,8 @@ class CausalLMPolicy(nn.Module):
         logits, _ = self._forward(
             ids.masked_fill(mask == 0, 0), mask, pos, keep=resp_w + 1, use_cache=False
         )
-        logits = logits[:, -(resp_w + 1) : -1].float() / self.temperature  # (B, R, V)
+        logits = logits[:, -(resp_w + 1) : -1]
+        if logits.dtype in (torch.float16, torch.bfloat16):  # half precision: softmax in fp32
+            logits = logits.float()
+        logits = logits / self.temperature  # (B, R, V), float64 models stay float64
         return token_log_probs(logits, ids[:, prompt_width:], resp_mask, with_entropy)

@@ -1,0 +1,73 @@
+"""Exact theory toolkit: enumerate a small policy's responses and check estimators exactly.
+
+* :func:`enumerate_tree` / :class:`ResponseTree`: every node and response (length-cap
+  conventions ``"env"`` and ``"force-eos"``).
+* :class:`ExactModel`: exact ``J``, ``grad J`` (autograd over the enumeration), ``V``,
+  ``Q``, and the exact mean and covariance of any estimator's gradient; registry
+  estimators by name (:class:`EstimatorSpec`), theory weightings by name
+  (:data:`THEORY_WEIGHTINGS`).
+* :class:`KLModel`, :func:`kl_rows`: exact KL to a reference and each KL estimator.
+* :func:`paper_setup`: paper-notes section 5 (tabular, tiny GPT-2 or tiny Llama policy).
+* :func:`verify`, :func:`print_report`, :func:`plot_bias_variance`, :func:`verify_cli`.
+"""
+
+from .exact import (
+    ALL_EXACT,
+    THEORY_WEIGHTINGS,
+    Comparison,
+    EstimatorSpec,
+    ExactModel,
+    GradientMoments,
+    InputSpec,
+    compare,
+)
+from .kl import KL_PLACEMENTS, KLModel, KLRow, kl_rows
+from .report import (
+    EstimatorRow,
+    IdentityRow,
+    SetupInfo,
+    VerifyReport,
+    estimator_row,
+    format_report,
+    identity_rows,
+    plot_bias_variance,
+    print_report,
+    standard_specs,
+    verify,
+    verify_cli,
+)
+from .setups import POLICY_KINDS, make_policy, paper_setup
+from .tree import LENGTH_CAPS, ResponseTree, enumerate_tree
+
+__all__ = [
+    "ALL_EXACT",
+    "KL_PLACEMENTS",
+    "LENGTH_CAPS",
+    "POLICY_KINDS",
+    "THEORY_WEIGHTINGS",
+    "Comparison",
+    "EstimatorRow",
+    "EstimatorSpec",
+    "ExactModel",
+    "GradientMoments",
+    "IdentityRow",
+    "InputSpec",
+    "KLModel",
+    "KLRow",
+    "ResponseTree",
+    "SetupInfo",
+    "VerifyReport",
+    "compare",
+    "enumerate_tree",
+    "estimator_row",
+    "format_report",
+    "identity_rows",
+    "kl_rows",
+    "make_policy",
+    "paper_setup",
+    "plot_bias_variance",
+    "print_report",
+    "standard_specs",
+    "verify",
+    "verify_cli",
+]
