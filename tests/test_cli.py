@@ -86,15 +86,29 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
         (["compare", "--agents", "grpo,nope"], "unknown agent 'nope'"),
     ],
 )
-def test_user_errors_are_one_line_exit_2(args: list[str], message: str, tmp_path: Path) -> None:
+def test_user_errors_are_one_line_exit_2(
+    args: list[str],
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In-process: any exception other than the CLI's own error would escape and fail."""
     (tmp_path / "bad.toml").write_text("agent = [unclosed\n")
     (tmp_path / "unknown.toml").write_text('colour = "blue"\n')
-    proc = run_cli(*args, cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("llm-mdp: error: "), proc.stderr
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llm-mdp: error: "), lines
     assert message in lines[0]
-    assert "Traceback" not in proc.stderr
+
+
+def test_user_error_from_a_real_process_has_no_traceback(tmp_path: Path) -> None:
+    proc = run_cli("train", "--agent", "nope", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "llm-mdp: error: unknown agent 'nope'; known agents: reinforce, rloo, remax, grpo, ppo, trepo"
+    ]
 
 
 def test_episode_shows_zero_rewards_then_rm(capsys: pytest.CaptureFixture[str]) -> None:
