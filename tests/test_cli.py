@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_mdp.cli import main
+from llm_mdp.cli import main, make_parser, resolve_options
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -71,6 +71,11 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
     opts = json.loads((run / "run.json").read_text())
     assert opts["agent"] == "reinforce" and opts["agent_config"]["baseline"] == "ema"
     assert opts["task_args"] == {}
+    args = ["--task", "keyword", "--task-arg", "keyword=abc"]
+    assert resolve_options(make_parser().parse_args(["train", *args]))["task_args"] == {
+        "keyword": "abc"
+    }
+    assert resolve_options(make_parser().parse_args(["train"]))["task_args"] == {"partial": True}
 
 
 @pytest.mark.parametrize(

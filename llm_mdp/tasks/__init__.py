@@ -18,8 +18,12 @@ from llm_mdp.tasks.builtin import (
     reverse_task,
     target_token_task,
 )
+from llm_mdp.tasks.chat import chat_keyword_task
 from llm_mdp.tasks.reward_model import HFRewardModel
 from llm_mdp.tasks.tokenizers import char_tokenizer
+
+if "chat_keyword" not in TASKS:
+    register_task("chat_keyword", chat_keyword_task)
 
 __all__ = [
     "TASKS",
@@ -31,6 +35,7 @@ __all__ = [
     "TokenRewardFn",
     "arithmetic_task",
     "char_tokenizer",
+    "chat_keyword_task",
     "check_tokenizer",
     "hidden_rewards_task",
     "keyword_task",
