@@ -455,6 +455,27 @@ def cmd_episode(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- main
+def _catalogue() -> str:
+    """Tasks and agent config fields, for ``train --help``."""
+    from llm_mdp.agents import AGENTS
+    from llm_mdp.tasks import TASKS
+
+    lines = ["tasks (--task NAME, factory arguments via --task-arg):"]
+    for name, factory in sorted(TASKS.items()):
+        doc = (factory.__doc__ or "").strip().splitlines()
+        lines.append(f"  {name:<16} {doc[0] if doc else ''}")
+    from llm_mdp.agents import AgentConfig
+
+    base = {f.name: f.default for f in dataclasses.fields(AgentConfig)}
+    lines.append("\nagent config (--set FIELD=VALUE; every field documented in llm_mdp.agents)")
+    lines.append("  shared: " + ", ".join(f"{k}={v}" for k, v in base.items()))
+    for name, cls in AGENTS.items():
+        own = {f.name: f.default for f in dataclasses.fields(cls.config_class)}
+        diff = [f"{k}={v}" for k, v in own.items() if k not in base or base[k] != v]
+        lines.append(f"  {name}: " + (", ".join(diff) or "the shared defaults"))
+    return "\n".join(lines)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llm-mdp",
@@ -463,7 +484,10 @@ def make_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser(
-        "train", help="train an agent (defaults: TRePO on reverse, tiny GPT-2, CPU, ~1 min)"
+        "train",
+        help="train an agent (defaults: TRePO on reverse, tiny GPT-2, CPU, ~1 min)",
+        epilog=_catalogue(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_run_options(p)
     p.add_argument(
