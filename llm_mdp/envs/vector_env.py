@@ -283,28 +283,31 @@ class LLMTokenVectorEnv(VectorEnv):
 
         # NEXT_STEP autoreset: rows that ended on the previous step restart now and
         # ignore this step's action
-        just_reset = self._autoreset_pending.clone()
-        if bool(just_reset.any()):
-            self._reset_rows(self._rows[just_reset], {})
-        active = ~self.done & ~just_reset
-        if self.autoreset_mode == AutoresetMode.DISABLED and not bool(active.any()):
+        active = ~(self.terminated | self.truncated)
+        if self.autoreset_mode == AutoresetMode.NEXT_STEP:
+            just_reset = self._autoreset_pending.clone()
+            if bool(just_reset.any()):
+                self._reset_rows(self._rows[just_reset], {})
+            active = ~(self.terminated | self.truncated) & ~just_reset
+        elif self.autoreset_mode == AutoresetMode.DISABLED and not bool(active.any()):
             raise EnvStateError(
                 "step() called after every episode ended; call reset() to start new episodes"
             )
-        # transition: append the action to every running row
-        col = self.P + self.response_len.clamp(max=self.R - 1)
-        row = self._rows[active]
-        self.ids[row, col[active]] = a[active]
-        self.mask[row, col[active]] = 1
-        self.response_len += active.long()
+        # transition: append the action to every running row (frozen rows rewrite what
+        # they hold), with no data-dependent indexing and so no host sync
+        col = (self.response_len.clamp(max=self.R - 1) + self.P).unsqueeze(1)
+        self.ids.scatter_(
+            1, col, torch.where(active, a, self.ids.gather(1, col).squeeze(1)).unsqueeze(1)
+        )
+        self.mask.scatter_(1, col, (self.mask.gather(1, col).squeeze(1) | active).unsqueeze(1))
+        self.response_len += active
         ended_eos = active & (a == self.eos_token_id)
-        ended_cap = active & ~ended_eos & (self.response_len >= self.R)
-        finished = ended_eos | ended_cap
+        finished = active & (ended_eos | (self.response_len >= self.R))
         if self.length_cap == "terminated":
             self.terminated |= finished
         else:
             self.terminated |= ended_eos
-            self.truncated |= ended_cap
+            self.truncated |= finished & ~ended_eos
 
         # Zero-Reward Assumption: 0.0 on every step but the last
         reward = torch.zeros(self.num_envs, dtype=torch.float64, device=self.device)
@@ -347,9 +350,11 @@ class LLMTokenVectorEnv(VectorEnv):
         a = a.reshape(-1) if a.dim() == 0 else a
         if a.shape != (self.num_envs,):
             raise ValueError(f"actions have shape {tuple(a.shape)}, expected ({self.num_envs},)")
-        a = a.to(self.device, torch.long)
-        bad = (a < 0) | (a >= self.vocab_size)
-        if bool(bad.any()):
+        if a.device != self.device or a.dtype != torch.long:
+            a = a.to(self.device, torch.long)
+        lo, hi = torch.stack(a.aminmax()).tolist()  # one host sync
+        if lo < 0 or hi >= self.vocab_size:
+            bad = (a < 0) | (a >= self.vocab_size)
             i = int(bad.nonzero()[0, 0])
             raise ValueError(
                 f"action {int(a[i])} (row {i}) is outside the vocabulary [0, {self.vocab_size})"

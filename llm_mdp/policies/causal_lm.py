@@ -433,5 +433,6 @@ class CausalLMPolicy(nn.Module):
         logits = logits[:, -(resp_w + 1) : -1]
         if logits.dtype in (torch.float16, torch.bfloat16):  # half precision: softmax in fp32
             logits = logits.float()
-        logits = logits / self.temperature  # (B, R, V), float64 models stay float64
+        if self.temperature != 1.0:  # skip a (B, R, V) copy forward and backward at T = 1
+            logits = logits / self.temperature  # (B, R, V); float64 models stay float64
         return token_log_probs(logits, ids[:, prompt_width:], resp_mask, with_entropy)
