@@ -18,7 +18,7 @@ from typing import Any, Literal, Protocol, overload, runtime_checkable
 
 import torch
 
-__all__ = ["Observation", "Policy"]
+__all__ = ["Observation", "Policy", "left_compact"]
 
 Observation = Mapping[str, torch.Tensor]
 
@@ -170,3 +170,30 @@ def token_log_probs(
     finite = logp_all.clamp(min=torch.finfo(logp_all.dtype).min)
     entropy = -(logp_all.exp() * finite).sum(-1).masked_fill(~keep, 0.0)
     return logp, entropy
+
+
+def left_compact(
+    ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Re-lay rows for a causal LM: padding to the left, real tokens in order to the right.
+
+    A stable sort of the 0/1 mask moves padding left while keeping token order; the
+    result is trimmed to the longest row. Returns ``(ids, mask, position_ids)`` with
+    ``position_ids = cumsum(mask) - 1`` so positions match an unpadded forward.
+
+    Raises:
+        ValueError: a row has no real token (a causal LM needs at least one).
+    """
+    width = ids.shape[1]
+    lengths = mask.sum(1)
+    longest, shortest = (int(v) for v in torch.stack([lengths.max(), lengths.min()]).tolist())
+    if shortest == 0:
+        empty = (lengths == 0).nonzero().flatten().tolist()
+        raise ValueError(
+            f"rows {empty} of the observation have no real token (attention_mask all 0); "
+            "a causal LM needs at least one (e.g. a BOS token in the prompt)"
+        )
+    order = torch.argsort(mask, dim=1, stable=True)[:, width - longest :]
+    c_mask = mask.gather(1, order)
+    c_ids = ids.gather(1, order).masked_fill(c_mask == 0, 0)
+    return c_ids, c_mask, (c_mask.cumsum(1) - 1).clamp_(min=0)

@@ -25,7 +25,7 @@ from torch import nn
 
 from llm_mdp.utils import resolve_device
 
-from .base import Observation, as_obs_tensors, check_layout, token_log_probs
+from .base import Observation, as_obs_tensors, check_layout, left_compact, token_log_probs
 from .sampling import make_generator, sample_from_logits
 
 __all__ = ["CausalLMPolicy", "KVState"]
@@ -294,25 +294,13 @@ class CausalLMPolicy(nn.Module):
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> KVState:
         batch, width = ids.shape
-        lengths = mask.sum(1)
-        longest, shortest = (int(v) for v in torch.stack([lengths.max(), lengths.min()]).tolist())
-        if shortest == 0:
-            empty = (lengths == 0).nonzero().flatten().tolist()
-            raise ValueError(
-                f"rows {empty} of the observation have no real token (attention_mask all 0); "
-                "a causal LM needs at least one (e.g. a BOS token in the prompt)"
-            )
-        # Move padding to the left, keep token order (stable sort of 0/1), trim to longest.
-        order = torch.argsort(mask, dim=1, stable=True)[:, width - longest :]
-        c_mask = mask.gather(1, order)
-        c_ids = ids.gather(1, order).masked_fill(c_mask == 0, 0)
-        pos = (c_mask.cumsum(1) - 1).clamp_(min=0)
+        c_ids, c_mask, pos = left_compact(ids, mask)
         logits, cache = self._forward(c_ids, c_mask, pos, keep=1, use_cache=True)
         end = width - mask.flip(1).argmax(1)
         return KVState(
             cache=cache,
             attention_mask=c_mask,
-            lengths=lengths,
+            lengths=mask.sum(1),
             end=end,
             obs_ids=ids.masked_fill(mask == 0, 0),
             obs_mask=mask.clone(),

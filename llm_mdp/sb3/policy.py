@@ -41,6 +41,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 
+from llm_mdp.policies.base import left_compact
 from llm_mdp.policies.sampling import sample_categorical
 
 __all__ = ["LMActorCriticPolicy", "LMCategoricalDistribution", "ModelSpec", "TokenIdsExtractor"]
@@ -295,22 +296,7 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         return (features_extractor or self.features_extractor)(obs)
 
     def _compact(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ids, mask = features[:, 0], features[:, 1]
-        width = ids.shape[1]
-        lengths = mask.sum(1)
-        longest, shortest = (int(v) for v in torch.stack([lengths.max(), lengths.min()]).tolist())
-        if shortest == 0:
-            empty = (lengths == 0).nonzero().flatten().tolist()
-            raise ValueError(
-                f"observation rows {empty} have no real token (attention_mask all 0); the LM "
-                "needs at least the prompt"
-            )
-        # padding to the left, real tokens in order to the right, trimmed to the longest row
-        order = torch.argsort(mask, dim=1, stable=True)[:, width - longest :]
-        c_mask = mask.gather(1, order)
-        c_ids = ids.gather(1, order).masked_fill(c_mask == 0, 0)
-        pos = (c_mask.cumsum(1) - 1).clamp_(min=0)
-        return c_ids, c_mask, pos
+        return left_compact(features[:, 0], features[:, 1])
 
     def _run(
         self, lm: nn.Module, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
