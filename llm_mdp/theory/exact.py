@@ -565,7 +565,7 @@ class ExactModel:
     ) -> ExactModel:
         """Build from a :class:`~llm_mdp.tasks.Task` (its prompts, tokenizer and rewards).
 
-        ``actions`` default: every token id except ``<pad>``; ``horizon`` default:
+        ``actions`` default: every token id except a pad token distinct from EOS; ``horizon`` default:
         ``task.max_response_tokens``; ``gamma`` default: ``task.gamma``. Token rewards come
         from ``task.token_reward_fn`` when the task has one (checked to be a function of
         (prefix, token) and to sum to ``RM``), else ZRA from ``task.reward_fn``.
@@ -574,7 +574,11 @@ class ExactModel:
 
         tok = task.tokenizer
         eos, pad = int(tok.eos_token_id), int(tok.pad_token_id)
-        acts = list(actions) if actions is not None else [i for i in range(len(tok)) if i != pad]
+        acts = (
+            list(actions)
+            if actions is not None
+            else [i for i in range(len(tok)) if i != pad or i == eos]
+        )
         texts = list(prompts) if prompts is not None else list(task.prompts)
         prompt_ids = [list(tok(p, add_special_tokens=False).input_ids) for p in texts]
         h = int(horizon if horizon is not None else task.max_response_tokens)
