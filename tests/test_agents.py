@@ -185,3 +185,12 @@ def test_metrics_have_stable_names(tmp_path: Path) -> None:
     ):
         assert key in m
     assert isinstance(agent, PPO)
+
+
+def test_entropy_bonus_enters_the_loss() -> None:
+    plain = make_agent("grpo", num_envs=8, kl_coef=0.0)
+    bonus = make_agent("grpo", num_envs=8, kl_coef=0.0, entropy_coef=0.5)
+    (a,) = plain.learn(1, progress=False)
+    (b,) = bonus.learn(1, progress=False)
+    assert a["entropy"] == b["entropy"] > 0  # same rollout: the same Monte Carlo entropy
+    assert b["loss/total"] < a["loss/total"] - 0.1  # -0.5 * entropy (about 2.3 nats / token)

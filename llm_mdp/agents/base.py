@@ -80,7 +80,9 @@ class AgentConfig:
         kl_placement: ``"reward"`` (``-beta * KL`` added to every token's return-to-go:
             with ``k1`` an unbiased gradient of the reverse KL) or ``"loss"`` (``beta *
             aggregate(KL)`` added to the loss, GRPO's choice with ``k3``).
-        entropy_coef: bonus ``-coef * entropy`` in the loss (0: off).
+        entropy_coef: bonus ``-coef * entropy`` in the loss (0: off, and the exact
+            entropy is then not computed; the logged ``entropy`` is always the Monte
+            Carlo estimate ``-mean log pi(w_t | s_t)`` over the sampled tokens).
         temperature: sampling temperature of the rollout policy.
         checkpoint_every: save ``run_dir/checkpoint.pt`` every this many updates (0: only
             at the end of ``learn`` when ``run_dir`` is set).
@@ -395,9 +397,12 @@ class Agent:
         """The micro-batch's share of the minibatch loss (normalized by global ``counts``)."""
         cfg = self.config
         mask = mb.response_mask
-        logp, entropy = self.policy.log_probs(
-            mb.input_ids, mb.attention_mask, mb.prompt_width, with_entropy=True
-        )
+        ids, attn, P = mb.input_ids, mb.attention_mask, mb.prompt_width
+        entropy: torch.Tensor | None = None
+        if cfg.entropy_coef:  # the exact entropy costs a (B, L, V) pass with gradient
+            logp, entropy = self.policy.log_probs(ids, attn, P, with_entropy=True)
+        else:
+            logp = self.policy.log_probs(ids, attn, P)
 
         def agg(x: torch.Tensor, mode: str = cfg.aggregation) -> torch.Tensor:
             return est.aggregate(x, mask, mode, **counts)
@@ -420,13 +425,14 @@ class Agent:
             kl_loss = cfg.kl_coef * agg(kl)
             loss = loss + kl_loss
             stats["loss/kl"] = float(kl_loss.detach())
-        if cfg.entropy_coef:
+        if entropy is not None:
             loss = loss - cfg.entropy_coef * agg(entropy)
         extra, extra_stats = self.extra_loss(mb, counts)
         loss = loss + extra
         stats |= extra_stats
         with torch.no_grad():
-            stats["entropy"] = float(agg(entropy, "token-mean"))
+            # Monte Carlo entropy of the rollout policy: E[-log pi(w_t | s_t)] = H(pi(.|s_t))
+            stats["entropy"] = float(agg(-mb.sample_logp, "token-mean"))
             stats["clip_frac"] = float(
                 agg(out.stats.get("clipped", torch.zeros_like(logp)), "token-mean")
             )
