@@ -402,8 +402,8 @@ class CausalLMPolicy(nn.Module):
             ``(B, W - P)`` ``log softmax(logits / temperature)`` of each response token
             (0 where the response mask is 0), differentiable w.r.t. the model parameters;
             with ``with_entropy`` also the ``(B, W - P)`` entropy of that distribution.
-            Logits are computed only for the ``R + 1`` last positions when the model
-            supports ``logits_to_keep``.
+            Logits are computed only for the ``R`` positions that predict the response
+            when the model supports ``logits_to_keep``.
         """
         check_layout(input_ids, attention_mask, prompt_width)
         dev = self.device
@@ -415,10 +415,15 @@ class CausalLMPolicy(nn.Module):
             empty = ids.new_zeros((ids.shape[0], 0), dtype=torch.float32)
             return (empty, empty.clone()) if with_entropy else empty
         pos = (mask.cumsum(1) - 1).clamp_(min=0)
+        # the last column is only a target: leave it out of the forward, and keep exactly
+        # the R positions that predict the response (no (B, R+1, V) logits to slice)
         logits, _ = self._forward(
-            ids.masked_fill(mask == 0, 0), mask, pos, keep=resp_w + 1, use_cache=False
+            ids[:, :-1].masked_fill(mask[:, :-1] == 0, 0),
+            mask[:, :-1],
+            pos[:, :-1],
+            keep=resp_w,
+            use_cache=False,
         )
-        logits = logits[:, -(resp_w + 1) : -1]
         if logits.dtype in (torch.float16, torch.bfloat16):  # half precision: softmax in fp32
             logits = logits.float()
         if self.temperature != 1.0:  # skip a (B, R, V) copy forward and backward at T = 1

@@ -248,33 +248,6 @@ def _as_f64_policy(policy: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Modu
     return copy.deepcopy(policy).to(dtype)
 
 
-def _response_log_probs(policy: Any, ids: Tensor, mask: Tensor, width: int) -> Tensor:
-    """``policy.log_probs(ids, mask, width)``, kept in the parameters' precision.
-
-    :class:`~llm_mdp.policies.CausalLMPolicy` casts its logits to float32, which caps
-    exact identities at ~1e-7; for it (duck-typed: a ``model`` and ``lm_head_size``) the
-    same teacher-forced forward is done here without the cast: positions from the
-    mask, logits cut to ``vocab_size`` and divided by ``temperature``, as
-    ``CausalLMPolicy.log_probs`` does. Any other policy goes through ``log_probs``.
-    """
-    model = getattr(policy, "model", None)
-    if model is None or not hasattr(policy, "lm_head_size"):
-        return policy.log_probs(ids, mask, width)
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    out = model(
-        input_ids=ids.masked_fill(mask == 0, 0),
-        attention_mask=mask,
-        position_ids=pos,
-        use_cache=False,
-    )
-    logits = out.logits[:, width - 1 : -1, : policy.vocab_size] / policy.temperature
-    logp_all = torch.log_softmax(logits.to(F64), dim=-1)
-    resp_mask = mask[:, width:].bool()
-    targets = ids[:, width:].masked_fill(~resp_mask, 0)
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return logp.masked_fill(~resp_mask, 0.0)
-
-
 def _node_log_probs(policy: Any, tree: ResponseTree, device: torch.device) -> Tensor:
     """``(n_nodes, A)`` log pi(w | s) renormalised over ``tree.actions``, differentiable.
 
@@ -304,7 +277,7 @@ def _node_log_probs(policy: Any, tree: ResponseTree, device: torch.device) -> Te
             cols.append(len(prefix))
     ids = torch.tensor(rows_ids, dtype=torch.long, device=device)
     mask = torch.tensor(rows_mask, dtype=torch.long, device=device)
-    lp = _response_log_probs(policy, ids, mask, width)
+    lp = policy.log_probs(ids, mask, width)  # in the parameters' precision (float64 here)
     lp = lp[torch.arange(len(cols), device=device), torch.tensor(cols, device=device)]
     lp = lp.to(F64).view(len(free), a_n)
     lp = lp - torch.logsumexp(lp, dim=1, keepdim=True)
@@ -385,9 +358,8 @@ class ExactModel:
     Args:
         policy: a policy with ``log_probs(input_ids, attention_mask, prompt_width)`` (the
             :class:`~llm_mdp.policies.Policy` protocol), renormalised over ``tree.actions``.
-            Converted to float64 (a copy) unless it already is; a
-            :class:`~llm_mdp.policies.CausalLMPolicy` is evaluated by the same teacher-forced
-            forward without its float32 cast (:func:`_response_log_probs`).
+            Converted to float64 (a copy) unless it already is; ``log_probs`` keeps that
+            precision, so exact identities hold to ~1e-16.
         tree: the enumeration (:func:`~llm_mdp.theory.tree.enumerate_tree`).
         token_rewards: ``(n_nodes, A)`` true reward of each (state, action) pair; ``RM(W)``
             is then ``sum_t gamma^(t-1) r_t``. ``None``: Zero-Reward Assumption from
