@@ -34,7 +34,8 @@ def main() -> None:
     if args.quick:
         args.episodes = 1
 
-    # Vocabulary: <pad>, <eos>, 'a', 'b'. Responses of at most 4 tokens.
+    # Vocabulary: <eos> (also the pad token), 'a', 'b'; every id is an action.
+    # Responses of at most 4 tokens.
     env = gym.make("llm_mdp/HiddenRewards-v0", task_kwargs={"gamma": args.gamma})
     task = env.unwrapped.task
     tok = env.unwrapped.tokenizer
@@ -62,9 +63,9 @@ def main() -> None:
             ids = obs["input_ids"][obs["attention_mask"] == 1].tolist()
             n_prompt = int(obs["attention_mask"][:P].sum())
             prompt, prefix = tuple(ids[:n_prompt]), tuple(ids[n_prompt:])
-            # a random token: <eos> (id 1, ends the response) with probability 0.2,
-            # else 'a' or 'b'; <pad> (id 0) is a legal action too, but we never take it
-            action = int(rng.choice([1, 2, 3], p=[0.2, 0.4, 0.4]))
+            # a random token: <eos> (ends the response) with probability 0.2, else 'a' or 'b'
+            eos, a, b = tok.convert_tokens_to_ids(["<eos>", "a", "b"])
+            action = int(rng.choice([eos, a, b], p=[0.2, 0.4, 0.4]))
             r_t = hidden_r(prompt, prefix, action)  # what a token-level reward would pay
             obs, reward, terminated, truncated, info = env.step(action)
             total += reward

@@ -163,7 +163,12 @@ def test_config_and_construction_errors() -> None:
         GRPO.config_class.from_dict({"learning_rat": 1.0})
     env = LLMTokenVectorEnv("target_token", 6)
     policy = CausalLMPolicy(tiny_gpt2(env.vocab_size + 3, seed=0), env.tokenizer)
-    with pytest.raises(ValueError, match="vocabulary mismatch: the policy has 13 actions"):
+    with pytest.raises(ValueError, match="vocabulary mismatch: the policy has 12 actions"):
+        REINFORCE(env, policy)
+    other = LLMTokenVectorEnv("keyword", 6, task_kwargs={"alphabet": "wxyzuvst", "keyword": "w"})
+    assert other.vocab_size == env.vocab_size  # same size, other characters
+    policy = CausalLMPolicy(tiny_gpt2(env.vocab_size, seed=0), other.tokenizer)
+    with pytest.raises(ValueError, match="token ids would mean other text"):
         REINFORCE(env, policy)
     policy = CausalLMPolicy(tiny_gpt2(env.vocab_size, seed=0), env.tokenizer)
     with pytest.raises(ValueError, match="not a multiple of group_size=4"):

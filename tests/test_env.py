@@ -62,7 +62,7 @@ def test_hidden_rewards_info_and_identity() -> None:
         env.reset(seed=int(rng.integers(1 << 30)))
         done, total = False, 0.0
         while not done:
-            _, r, term, trunc, info = env.step(int(rng.integers(1, 4)))
+            _, r, term, trunc, info = env.step(int(rng.integers(0, env.action_space.n)))
             total += r
             done = term or trunc
         tr = info["token_rewards"]
@@ -155,9 +155,7 @@ def test_bad_actions_are_rejected_and_env_stays_usable() -> None:
     with pytest.raises(EnvStateError, match="before reset"):
         env.step(torch.tensor([2, 2]))
     env.reset(seed=0)
-    with pytest.raises(
-        ValueError, match=r"action 99 \(row 1\) is outside the vocabulary \[0, 10\)"
-    ):
+    with pytest.raises(ValueError, match=r"action 99 \(row 1\) is outside the vocabulary \[0, 9\)"):
         env.step(torch.tensor([2, 99]))
     with pytest.raises(TypeError, match="integer token ids"):
         env.step(torch.tensor([2.0, 1.0]))
@@ -186,8 +184,8 @@ def test_prompt_too_long_and_bad_prefix() -> None:
         env.reset(options={"prompts": ["abcdabcd="]})
     with pytest.raises(ValueError, match="cannot tokenize prompt"):
         env.reset(options={"prompts": ["xyz"]})
-    with pytest.raises(ValueError, match="contains token 1"):
-        env.reset(options={"response_prefix": [[1]]})
+    with pytest.raises(ValueError, match="contains token 0 \\('<eos>'\\)"):
+        env.reset(options={"response_prefix": [[env.eos_token_id]]})
     with pytest.raises(ValueError, match="unknown reset option"):
         env.reset(options={"promt": ["ab="]})
     with pytest.raises(ValueError, match="outside the task's pool"):
@@ -250,8 +248,9 @@ def test_builtin_task_rewards() -> None:
     assert score(make_task("target_token"), "c", "aab") == pytest.approx(2 / 8)
     hidden = make_task("hidden_rewards", max_response_tokens=2)
     r = hidden.metadata["token_reward"]
-    p = (2,)
-    assert score(hidden, "a", "b") == pytest.approx(r(p, (), 3) + r(p, (3,), 1))
+    a, b, eos = (hidden.tokenizer.convert_tokens_to_ids(t) for t in ("a", "b", "<eos>"))
+    p = (a,)
+    assert score(hidden, "a", "b") == pytest.approx(r(p, (), b) + r(p, (b,), eos))
     # the DP optimum is the best of the 7 responses of a 2-token horizon
     ended = [score(hidden, "a", s) for s in ("", "a", "b")]
     capped = [score(hidden, "a", s, eos=False) for s in ("aa", "ab", "ba", "bb")]

@@ -300,11 +300,12 @@ def test_from_pretrained_local_folder(tmp_path):
     from llm_mdp.tasks.tokenizers import char_tokenizer
 
     tok = char_tokenizer("abcdefgh")
-    model = tiny_llama(len(tok), n_embd=32, pad_token_id=tok.pad_token_id, eos_token_id=1)
+    eos = tok.eos_token_id
+    model = tiny_llama(len(tok), n_embd=32, pad_token_id=tok.pad_token_id, eos_token_id=eos)
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     pol = CausalLMPolicy.from_pretrained(str(tmp_path), device="cpu", temperature=0.5, seed=0)
-    assert pol.vocab_size == len(tok) == 10 and pol.eos_token_id == 1
+    assert pol.vocab_size == len(tok) == 9 and pol.eos_token_id == eos == 0
     assert pol.tokenizer is not None and pol.temperature == 0.5
     ids = torch.tensor([tok("abc").input_ids])
     mask = torch.ones_like(ids)

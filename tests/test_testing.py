@@ -121,9 +121,9 @@ def test_biased_builtins_with_the_stated_figures(mdp):
     )
     assert report.projection == pytest.approx(0.75, abs=1e-12)
     assert report.cosine == pytest.approx(1.0, abs=1e-12)
-    # GRPO with std: biased in direction; cosine 0.9909 here (notes: 0.944 on their draws)
+    # GRPO with std: biased in direction; cosine 0.9489 here (it depends on the draws)
     report = assert_biased(est.grpo, mdp, group_size=G, cosine=(0.9, 0.999))
-    assert report.cosine == pytest.approx(0.99088, abs=1e-4)
+    assert report.cosine == pytest.approx(0.94892, abs=1e-4)
     # TRePO with few anchors: biased, less with more anchors (m = 3 covers every position)
     cos = []
     for m in (1, 2):
@@ -143,7 +143,7 @@ def test_gradient_report_numbers(mdp):
     thm2 = gradient_report("trepo", mdp, inputs={"prefix_values": "exact"})
     plain = gradient_report("reinforce", mdp, inputs={})
     assert thm2.variance < plain.variance
-    assert thm2.variance == pytest.approx(0.41935, abs=1e-4)  # as tests/test_theory.py
+    assert thm2.variance == pytest.approx(0.18344, abs=1e-4)  # as tests/test_theory.py
 
 
 def test_transformer_and_zra_binary_mdps(gpt2):
@@ -176,7 +176,7 @@ def test_planted_baseline_with_self_is_caught(mdp):
     msg = str(info.value)
     assert "looks like a (G-1)/G = 0.75 scaling: a mean baseline that includes the sample" in msg
     # which coordinate, how far, exact against estimate
-    assert "logits[0, 2] (state 'a' + '', token 'a'): exact grad J -0.213456, estimate" in msg
+    assert "logits[0, 1] (state 'a' + '', token 'a'): exact grad J 0.135004, estimate" in msg
     assert "projection ratio 0.750000" in msg and "cosine 1.000000" in msg
 
 
@@ -210,7 +210,7 @@ def test_other_failures_are_named(mdp):
         )
     with pytest.raises(AssertionError, match=r"is unbiased on .* use assert_unbiased"):
         assert_biased("rloo", mdp, group_size=G, expected_scale=0.75)
-    with pytest.raises(AssertionError, match=r"cosine 0.990883 outside \[0.5, 0.9\]"):
+    with pytest.raises(AssertionError, match=r"cosine 0.948922 outside \[0.5, 0.9\]"):
         assert_biased("grpo", mdp, group_size=G, cosine=(0.5, 0.9))
     with pytest.raises(AssertionError, match=r"expected_scale=0.5\) failed.*\n.*\n.*0.5 x grad J"):
         assert_biased(baseline_with_self, mdp, group_size=G, expected_scale=0.5)

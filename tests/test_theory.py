@@ -31,7 +31,7 @@ from llm_mdp.theory import (
 )
 
 torch.set_num_threads(1)
-EOS, A, B = 1, 2, 3
+EOS, A, B = 0, 1, 2  # char_tokenizer('ab'): <eos> (also pad), 'a', 'b'
 EXACT = 1e-8  # the issue's bar; float64 enumeration reaches ~1e-15
 
 
@@ -171,10 +171,10 @@ def test_theorem2_has_the_lowest_variance(m1):
         for n in ("lemma1", "theorem1", "theorem2", "reinforce")
     }
     tr["baseline"] = m1.moments_of_weights(m1.weights("reinforce", baseline=True)).trace_cov
-    # notes: Thm2 0.43 < exact-Q 0.63 < Thm1 0.70 < REINFORCE+b 1.25 < REINFORCE 1.26.
-    # Here: 0.419 < 0.558 < 0.630 < 1.081 < 1.154. Not a theorem: other seeds reorder.
-    assert tr["theorem2"] < tr["lemma1"] < tr["theorem1"] < tr["baseline"] < tr["reinforce"]
-    assert tr["theorem2"] == pytest.approx(0.41935, abs=1e-4)
+    # Here: Thm2 0.183 < Thm1 0.434 < exact-Q 0.461 < REINFORCE+b 0.584 < REINFORCE 0.713.
+    # Not a theorem: other seeds reorder (seed 2 puts Theorem 2 above Lemma 1).
+    assert tr["theorem2"] < tr["theorem1"] < tr["lemma1"] < tr["baseline"] < tr["reinforce"]
+    assert tr["theorem2"] == pytest.approx(0.18344, abs=1e-4)
 
 
 # ----------------------------------------------------------------------- group estimators
@@ -192,12 +192,11 @@ def test_group_estimators(m1):
     assert err(m1, mean_only) > 1e-2
     std = m1.moments(EstimatorSpec("grpo", {"std_scaling": "group"}, group_size=g))
     cmp = m1.compare(std)
-    # The notes report cosine 0.944 on their (unknown) rewards and init. Here it is 0.9909;
-    # over seeds 0-3, both length caps and init scales 0/1 it ranges over 0.92-1.00, so
-    # the notes' value is not reproducible without their random draws. What theory says
-    # (std scaling = a per-group learning rate) is: biased in direction, yet close.
+    # Here the cosine is 0.9489; it depends on the rewards and the initialisation (other
+    # seeds give 0.92-1.00). What theory says (std scaling = a per-group learning rate)
+    # is: biased in direction, yet close.
     assert 0.9 < cmp.cosine < 1 - 1e-3
-    assert cmp.cosine == pytest.approx(0.99087, abs=1e-4)
+    assert cmp.cosine == pytest.approx(0.94892, abs=1e-4)
     # exchangeable estimators are enumerated as multisets: same moments as ordered groups
     ordered = m1._enumerate(EstimatorSpec("grpo", group_size=g), multisets=False)
     torch.testing.assert_close(ordered.pair_mean, std.pair_mean, atol=1e-14, rtol=0)
@@ -225,7 +224,7 @@ def test_non_group_local_estimator_uses_per_draw_calls(m1):
 
 
 def test_all_zero_group_gives_grpo_no_update_but_theorem2_does():
-    pol = TabularPolicy(4, EOS, 4, [(A,)], seed=1)
+    pol = TabularPolicy(3, EOS, 4, [(A,)], seed=1)
     m = ExactModel.from_functions(
         pol, [(A,)], (EOS, A, B), EOS, 4, length_cap="force-eos",
         reward=lambda prompt, resp: float(B in resp),
@@ -261,7 +260,7 @@ def test_trepo_all_positions_unbiased_and_interpolation_bias_shrinks(m1):
             inp = InputSpec(prefix_values="mc", rollouts=4, anchors=m, anchor_columns=cols)
             cos.append(m1.compare(m1.moments(EstimatorSpec("trepo", inputs=inp))).cosine)
         assert cos[0] < cos[1] < cos[2] <= 1 + 1e-12, (cols, cos)
-        assert cos[0] < 0.99
+        assert cos[0] < 0.995  # pair 0.9925, state 0.9878
 
 
 def test_trepo_exact_moments_match_monte_carlo(m1):
@@ -372,19 +371,16 @@ def test_tiny_transformer_policy(gpt2):
     mean_only = m.moments(EstimatorSpec("grpo", {"std_scaling": "none"}, group_size=4))
     assert err(m, mean_only, 0.75) < EXACT
     assert m.compare(m.moments(EstimatorSpec("grpo", group_size=4))).cosine < 0.999
-    # the float64 node table agrees with the policy's own (float32) log_probs up to the
-    # per-node renormalisation over {EOS, a, b} (the policy's softmax includes <pad>)
+    # the float64 node table agrees with the policy's own (float32) log_probs: every
+    # token of the vocabulary {EOS, a, b} is an action, so there is no renormalisation
     pol, tr = m.policy, m.tree
     ids = torch.cat([torch.full((tr.num_responses, 1), A), tr.tokens], 1)
     mask = torch.cat([torch.ones(tr.num_responses, 1, dtype=torch.long), tr.mask.long()], 1)
     with torch.no_grad():
         own = pol.log_probs(ids, mask, 1).double()
     ours = m.log_pi.reshape(-1)[tr.pair]
-    diff, nodes = (own - ours)[tr.mask], tr.node_of[tr.mask]
-    for node in nodes.unique():
-        if not tr.forced[node]:
-            d = diff[nodes == node]
-            assert float(d.max() - d.min()) < 1e-5 and float(d.max()) < 0  # log Z_allowed < 0
+    free = tr.mask & ~tr.forced[tr.node_of]  # forced EOS has log-prob 0 in the tree only
+    assert float((own - ours)[free].abs().max()) < 1e-5
 
 
 # ------------------------------------------------------------------------- report / CLI

@@ -171,6 +171,7 @@ class Agent:
                 f"vocabulary mismatch: the policy has {policy.vocab_size} actions, the env's "
                 f"tokenizer {env.vocab_size}; build the policy for this task's tokenizer"
             )
+        _match_action_sets(env, policy)
         self.env, self.policy = env, policy
         self.dist = distributed.context()
         self.run_dir = Path(run_dir) if run_dir is not None and self.dist.is_main else None
@@ -306,6 +307,7 @@ class Agent:
                 "reward/max": float(r.max()),
                 "reward/min": float(r.min()),
                 "response/length": float(mask.sum(-1).float().mean()),
+                "response/eos_frac": float(_ended_with_eos(batch, self.env.eos_token_id).mean()),
                 "advantage/mean": float((adv * mask).sum() / mask.sum().clamp(min=1)),
                 **metrics,
                 "time/rollout": t1 - t0,
@@ -596,3 +598,45 @@ class Agent:
         agent = cls(env, policy, config, run_dir=run_dir)
         agent.load_state_dict(state)
         return agent
+
+
+def _ended_with_eos(batch: Rollout, eos_token_id: int) -> torch.Tensor:
+    """``(B,)`` float: 1 where the response's last token is EOS (not cut by the cap)."""
+    last = (batch.response_lengths - 1).clamp(min=0).unsqueeze(1)
+    ended = batch.response_ids.gather(1, last).squeeze(1) == eos_token_id
+    return (ended & (batch.response_lengths > 0)).float()
+
+
+def _match_action_sets(env: LLMTokenVectorEnv, policy: Policy) -> None:
+    """Check that ``policy`` acts on the env's tokens and action set, or give it the env's.
+
+    Raises ``ValueError`` for a policy built on another tokenizer (even one of the same
+    size: ids would mean other characters) or one that can emit a token the env rejects.
+    """
+    tok = getattr(policy, "tokenizer", None)
+    same = tok is None or tok is env.tokenizer or not hasattr(tok, "get_vocab")
+    if not same and tok.get_vocab() != env.tokenizer.get_vocab():
+        raise ValueError(
+            f"the policy's tokenizer ({type(tok).__name__}, {len(tok)} tokens) is not the "
+            f"env's (task {env.task.name!r}): token ids would mean other text; build the "
+            "policy with env.tokenizer"
+        )
+    legal = env.action_mask.cpu()
+    mask = getattr(policy, "action_mask", None)
+    if mask is None:
+        if not bool(legal.all()):
+            raise ValueError(
+                f"task {env.task.name!r} has {int((~legal).sum())} token(s) that are not "
+                f"actions (special tokens other than EOS), but {type(policy).__name__} has no "
+                "action_mask to exclude them; use CausalLMPolicy or add action_mask/"
+                "set_action_mask to your policy"
+            )
+        return
+    if not torch.equal(torch.as_tensor(mask).cpu(), legal):
+        if tok is None and hasattr(policy, "set_action_mask"):
+            policy.set_action_mask(legal)
+        else:
+            raise ValueError(
+                f"the policy's action set ({int(torch.as_tensor(mask).sum())} legal tokens) "
+                f"differs from the env's ({int(legal.sum())}); build both from one tokenizer"
+            )

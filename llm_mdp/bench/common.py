@@ -204,7 +204,7 @@ def wide_task(
     ``"zero"`` (rollout timing needs none) or ``"target"`` (the fraction of the
     ``new_tokens`` slots holding the first character, read from the ids: no decoding).
     """
-    alphabet = wide_alphabet(vocab_size - 2)  # ids 0/1 are <pad>/<eos>
+    alphabet = wide_alphabet(vocab_size - 1)  # id 0 is <eos> (also the pad token)
     tok = char_tokenizer(alphabet)
     gen = torch.Generator().manual_seed(seed)
     prompts = []

@@ -77,12 +77,13 @@ class LLMTokenEnv(gym.Env):
         super().reset(seed=seed)
         options = dict(options or {})
         vec_options: dict[str, Any] = {}
+        # the vector env validates the values (types, ranges, legal tokens)
         if "prompt" in options:
             vec_options["prompts"] = [options.pop("prompt")]
         if "prompt_index" in options:
-            vec_options["prompt_indices"] = [int(options.pop("prompt_index"))]
+            vec_options["prompt_indices"] = [options.pop("prompt_index")]
         if "response_prefix" in options:
-            vec_options["response_prefix"] = [list(options.pop("response_prefix"))]
+            vec_options["response_prefix"] = [options.pop("response_prefix")]
         if options:
             raise ValueError(
                 f"unknown reset option(s) {sorted(options)}; known: prompt, prompt_index, "

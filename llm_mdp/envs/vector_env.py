@@ -123,13 +123,24 @@ class LLMTokenVectorEnv(VectorEnv):
         self.vocab_size = len(tok)
         self.eos_token_id = int(tok.eos_token_id)
         self.pad_token_id = int(tok.pad_token_id)
-        self.R = int(max_response_tokens or self.task.max_response_tokens)
-        if self.R < 1:
-            raise ValueError(f"max_response_tokens={self.R}, expected >= 1")
+        R = self.task.max_response_tokens if max_response_tokens is None else max_response_tokens
+        if isinstance(R, bool) or not isinstance(R, int | np.integer) or R < 1:
+            raise ValueError(f"max_response_tokens={R!r}, expected an integer >= 1")
+        self.R = int(R)
+        # the action set (tasks.illegal_action_ids): special tokens other than EOS are not
+        # actions, so no policy can score by emitting tokens the reward's decoding drops
+        self.action_mask = self.task.action_mask.to(self.device)
+        self._has_illegal = not bool(self.action_mask.all())
 
         pool = [self._encode_prompt(p) for p in self.task.prompts]
         longest = max(len(p) for p in pool)
-        self.P = int(max_prompt_tokens or longest)
+        if max_prompt_tokens is not None and (
+            isinstance(max_prompt_tokens, bool)
+            or not isinstance(max_prompt_tokens, int | np.integer)
+            or max_prompt_tokens < 1
+        ):
+            raise ValueError(f"max_prompt_tokens={max_prompt_tokens!r}, expected an integer >= 1")
+        self.P = int(longest if max_prompt_tokens is None else max_prompt_tokens)
         if longest > self.P:
             i = max(range(len(pool)), key=lambda j: len(pool[j]))
             raise ValueError(
@@ -229,7 +240,13 @@ class LLMTokenVectorEnv(VectorEnv):
         if prompts is not None and indices is not None:
             raise ValueError("give either 'prompts' or 'prompt_indices' at reset, not both")
         if prompts is not None:
-            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            if isinstance(prompts, str):
+                if n != 1:
+                    raise ValueError(
+                        f"prompts={prompts!r} is one text, expected a list of {n} prompt texts"
+                    )
+                prompts = [prompts]
+            prompts = list(prompts)
             if len(prompts) != n:
                 raise ValueError(f"got {len(prompts)} prompt(s), expected {n} (rows / group_size)")
             encoded = [self._encode_prompt(p, check_width=True) for p in prompts]
@@ -237,7 +254,12 @@ class LLMTokenVectorEnv(VectorEnv):
             return ids, mask, torch.full((n,), -1, dtype=torch.long, device=self.device)
         if indices is None:
             indices = self.np_random.integers(0, len(self.task.prompts), size=n)
-        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long).reshape(-1)
+        arr = np.asarray(indices)
+        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+            raise TypeError(
+                f"prompt_indices must be integers, got {indices!r:.80} (dtype {arr.dtype})"
+            )
+        idx = torch.as_tensor(arr, dtype=torch.long).reshape(-1)
         if idx.numel() != n:
             raise ValueError(
                 f"got {idx.numel()} prompt index(es), expected {n} (rows / group_size)"
@@ -252,23 +274,35 @@ class LLMTokenVectorEnv(VectorEnv):
         return self._pool_ids[idx], self._pool_mask[idx], idx
 
     def _write_prefix(self, rows: torch.Tensor, prefix: Any) -> None:
-        if isinstance(prefix, torch.Tensor | np.ndarray):
-            prefix = [list(map(int, p)) for p in prefix]
-        prefix = [list(map(int, p)) for p in prefix]
-        if len(prefix) != rows.numel():
-            raise ValueError(f"response_prefix has {len(prefix)} rows, expected {rows.numel()}")
-        for i, p in zip(rows.tolist(), prefix, strict=True):
+        if isinstance(prefix, str | bytes) or len(prefix) != rows.numel():
+            raise ValueError(
+                f"response_prefix must hold one list of token ids per reset row "
+                f"({rows.numel()}), got {prefix!r:.80}"
+            )
+        legal = self.action_mask.tolist()
+        lists = []
+        for i, raw in zip(rows.tolist(), prefix, strict=True):
+            arr = np.asarray(raw.cpu() if isinstance(raw, torch.Tensor) else raw)
+            if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+                raise TypeError(
+                    f"response_prefix of row {i} is {raw!r:.80}; expected a list of integer "
+                    "token ids"
+                )
+            p = arr.astype(np.int64).tolist()
             if len(p) >= self.R:
                 raise ValueError(
                     f"response_prefix of row {i} has {len(p)} tokens; a non-terminal state "
                     f"has fewer than max_response_tokens={self.R}"
                 )
             for t in p:
-                if not 0 <= t < self.vocab_size or t == self.eos_token_id:
+                if not 0 <= t < self.vocab_size or t == self.eos_token_id or not legal[t]:
                     raise ValueError(
-                        f"response_prefix of row {i} contains token {t}; expected non-EOS ids "
-                        f"in [0, {self.vocab_size})"
+                        f"response_prefix of row {i} contains token {t} "
+                        f"({self._token_name(t)}); expected legal non-EOS actions in "
+                        f"[0, {self.vocab_size})"
                     )
+            lists.append(p)
+        for i, p in zip(rows.tolist(), lists, strict=True):
             if p:
                 self.ids[i, self.P : self.P + len(p)] = torch.tensor(p, device=self.device)
                 self.mask[i, self.P : self.P + len(p)] = 1
@@ -359,7 +393,28 @@ class LLMTokenVectorEnv(VectorEnv):
             raise ValueError(
                 f"action {int(a[i])} (row {i}) is outside the vocabulary [0, {self.vocab_size})"
             )
+        if self._has_illegal:  # only tokenizers with special tokens besides EOS pay this sync
+            bad = ~self.action_mask[a] & ~self.done
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                t = int(a[i])
+                raise ValueError(
+                    f"action {t} (row {i}) is {self._token_name(t)}, a special token that is "
+                    "not an action of this MDP (only EOS is); see env.action_mask / "
+                    "env.action_masks()"
+                )
         return a
+
+    def action_masks(self) -> Any:
+        """``(num_envs, vocab_size)`` bool: the legal actions of every row.
+
+        The same for every row and step (special tokens other than EOS are never legal);
+        the method exists under the name that sb3-contrib's ``MaskablePPO`` looks for.
+        """
+        return self._to_backend(self.action_mask.expand(self.num_envs, -1).clone())
+
+    def _token_name(self, token_id: int) -> str:
+        return repr(self.tokenizer.convert_ids_to_tokens(int(token_id)))
 
     def _finish_info(
         self, info: dict[str, Any], rows: torch.Tensor, batch: ResponseBatch, reward: torch.Tensor

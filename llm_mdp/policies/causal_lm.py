@@ -86,8 +86,15 @@ class CausalLMPolicy(nn.Module):
         device: move the model there (``"auto"``: CUDA when available). Default: leave it.
         seed: seed of the sampler's generator (default: drawn from the global RNG).
 
+    The action set: with a tokenizer, special tokens other than EOS are not actions
+    (:func:`llm_mdp.tasks.illegal_action_ids`, the env's rule): their logits are set to
+    ``-inf`` in every forward, so ``act`` never samples them and ``log_probs`` is the
+    distribution renormalised over the legal actions. Without a tokenizer every id is
+    an action until :meth:`set_action_mask` says otherwise (the built-in agents pass the
+    env's mask).
+
     Attributes:
-        model, tokenizer, temperature, vocab_size, device.
+        model, tokenizer, temperature, vocab_size, device, action_mask.
     """
 
     model: Any  # a transformers PreTrainedModel (or a wrapper such as a PEFT model)
@@ -121,6 +128,37 @@ class CausalLMPolicy(nn.Module):
         )
         self._seed = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         self._generator: torch.Generator | None = None
+        self._illegal: torch.Tensor | None = None
+        if tokenizer is not None and hasattr(tokenizer, "all_special_ids"):
+            from llm_mdp.tasks.base import illegal_action_ids
+
+            self._set_illegal(illegal_action_ids(tokenizer))
+
+    # ------------------------------------------------------------------ action set
+    @property
+    def action_mask(self) -> torch.Tensor:
+        """``(vocab_size,)`` bool on CPU, True on the actions the policy can take."""
+        mask = torch.ones(self._vocab_size, dtype=torch.bool)
+        if self._illegal is not None:
+            mask[self._illegal.cpu()] = False
+        return mask
+
+    def set_action_mask(self, mask: torch.Tensor) -> None:
+        """Restrict the actions to ``mask`` (``(vocab_size,)`` bool, True = legal).
+
+        Illegal tokens get probability 0 when acting and in ``log_probs``.
+        """
+        m = torch.as_tensor(mask, dtype=torch.bool).reshape(-1)
+        if m.numel() != self._vocab_size or not bool(m.any()):
+            raise ValueError(
+                f"action mask has {m.numel()} entries ({int(m.sum())} legal); expected "
+                f"{self._vocab_size} with at least one legal action"
+            )
+        self._set_illegal((~m).nonzero().flatten().tolist())
+
+    def _set_illegal(self, ids: list[int]) -> None:
+        ids = [i for i in ids if i < self._vocab_size]
+        self._illegal = torch.tensor(ids, dtype=torch.long) if ids else None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -238,7 +276,12 @@ class CausalLMPolicy(nn.Module):
             new_cache = getattr(out, "cache", None)
             if new_cache is None:
                 new_cache = getattr(out, "past_key_values", None)
-        return logits[..., : self._vocab_size], new_cache
+        logits = logits[..., : self._vocab_size]
+        if self._illegal is not None:  # not actions: probability 0 (see the class docstring)
+            if self._illegal.device != logits.device:
+                self._illegal = self._illegal.to(logits.device)
+            logits = logits.index_fill(-1, self._illegal, float("-inf"))
+        return logits, new_cache
 
     # ------------------------------------------------------------------ acting
     @torch.no_grad()

@@ -7,6 +7,8 @@ from llm_mdp.tasks.base import (
     Task,
     TokenRewardFn,
     check_tokenizer,
+    illegal_action_ids,
+    legal_action_mask,
 )
 from llm_mdp.tasks.builtin import (
     TASKS,
@@ -38,7 +40,9 @@ __all__ = [
     "chat_keyword_task",
     "check_tokenizer",
     "hidden_rewards_task",
+    "illegal_action_ids",
     "keyword_task",
+    "legal_action_mask",
     "make_task",
     "register_task",
     "reverse_task",

@@ -135,6 +135,12 @@ class Task:
         """Size of the action space: ``len(tokenizer)``."""
         return len(self.tokenizer)
 
+    @cached_property
+    def action_mask(self) -> torch.Tensor:
+        """``(vocab_size,)`` bool, True on legal actions: every token but the special
+        tokens other than EOS (:func:`legal_action_mask`)."""
+        return legal_action_mask(self.tokenizer)
+
     @classmethod
     def from_text_fn(
         cls,
@@ -232,6 +238,38 @@ def _check_rewards(task: str, out: Any, batch: ResponseBatch) -> torch.Tensor:
             f"task {task!r}: reward #{i} is {rewards[i].item()} (not finite); {_describe(batch, i)}"
         )
     return rewards
+
+
+def illegal_action_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids that are *not* actions of the token MDP: special tokens other than EOS.
+
+    The rule (one source for the env, the samplers, log-probs and the exact toolkit):
+    a token is a legal action unless it is a special token that is not EOS. Special
+    tokens (``<pad>``, ``<unk>``, a chat template's ``<|im_start|>``, ...) are dropped by
+    ``decode(..., skip_special_tokens=True)``, which is how reward functions read text;
+    if they were actions, a policy could emit them as invisible no-ops that the reward
+    never sees (and learn to fill the length cap with them instead of stopping). So they
+    are masked out: policies give them probability 0 and the env rejects them. EOS stays
+    an action even when it doubles as the pad token (GPT-2 style; the built-in character
+    tokenizers do this, so every id of theirs is legal).
+
+    Ids at or past ``len(tokenizer)`` do not exist and are not listed.
+    """
+    eos = tokenizer.eos_token_id
+    special = set(tokenizer.all_special_ids)
+    special.update(
+        int(i)
+        for i, tok in tokenizer.added_tokens_decoder.items()
+        if getattr(tok, "special", False)
+    )
+    return sorted(i for i in special if i != eos and 0 <= i < len(tokenizer))
+
+
+def legal_action_mask(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """``(len(tokenizer),)`` bool: True for every legal action (see :func:`illegal_action_ids`)."""
+    mask = torch.ones(len(tokenizer), dtype=torch.bool)
+    mask[illegal_action_ids(tokenizer)] = False
+    return mask
 
 
 def check_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:

@@ -188,7 +188,7 @@ def hidden_rewards_task(
     """
     tok = char_tokenizer(alphabet)
     eos = int(tok.eos_token_id)
-    n_actions = len(tok)
+    chars = [i for i in range(len(tok)) if i != eos]  # the actions that continue a response
 
     @cache
     def r(prompt: tuple[int, ...], prefix: tuple[int, ...], token: int) -> float:
@@ -213,13 +213,13 @@ def hidden_rewards_task(
         if len(prefix) == max_response_tokens:
             return 0.0
         vals = []
-        for w in range(2, n_actions):  # characters continue the response
+        for w in chars:  # characters continue the response
             vals.append(r(prompt, prefix, w) + gamma * best(prompt, (*prefix, w)))
         vals.append(r(prompt, prefix, eos))  # EOS ends it
         return max(vals)
 
     optimum = None
-    if (n_actions - 2) ** max_response_tokens <= 200_000:
+    if len(chars) ** max_response_tokens <= 200_000:
         ids = [tuple(tok(p).input_ids) for p in prompts]
         optimum = sum(best(p, ()) for p in ids) / len(ids)
 

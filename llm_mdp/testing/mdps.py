@@ -45,13 +45,13 @@ __all__ = ["MDP_KINDS", "TOKEN_NAMES", "loss_batch", "reference_policy", "small_
 MDP_KINDS = ("tabular", "gpt2", "llama")
 """Policies of :func:`small_mdp`: a table of logits, a 1-layer GPT-2, a 1-layer Llama."""
 
-TOKEN_NAMES = {0: "<pad>", EOS: "<eos>", A: "a", A + 1: "b"}
+TOKEN_NAMES = {EOS: "<eos>", A: "a", A + 1: "b"}
 """Token ids of :func:`small_mdp`'s vocabulary (``char_tokenizer("ab")``)."""
 
 PROMPTS = ("a", "b", "ab", "ba", "aa", "bb")
 _PROMPT_IDS = {t: tuple(A if c == "a" else A + 1 for c in t) for t in PROMPTS}
 
-HIT_PROBABILITY = 0.35  # binary process reward: chance that a (state, token) pays 1
+HIT_PROBABILITY = 0.25  # binary process reward: chance that a (state, token) pays 1
 
 
 def _uniform(*key: Any) -> float:
@@ -111,7 +111,12 @@ def small_mdp(
     texts = PROMPTS[:num_prompts]
     if kind == "tabular":
         policy: Any = TabularPolicy(
-            4, EOS, horizon, [_PROMPT_IDS[t] for t in texts], seed=seed, init_scale=init_scale
+            len(ACTIONS),
+            EOS,
+            horizon,
+            [_PROMPT_IDS[t] for t in texts],
+            seed=seed,
+            init_scale=init_scale,
         )
     else:
         policy = make_policy(kind, horizon, seed, init_scale=init_scale)

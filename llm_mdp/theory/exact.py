@@ -537,7 +537,7 @@ class ExactModel:
     ) -> ExactModel:
         """Build from a :class:`~llm_mdp.tasks.Task` (its prompts, tokenizer and rewards).
 
-        ``actions`` default: every token id except a pad token distinct from EOS; ``horizon`` default:
+        ``actions`` default: the task's legal actions (``task.action_mask``); ``horizon`` default:
         ``task.max_response_tokens``; ``gamma`` default: ``task.gamma``. Token rewards come
         from ``task.token_reward_fn`` when the task has one (checked to be a function of
         (prefix, token) and to sum to ``RM``), else ZRA from ``task.reward_fn``.
@@ -546,11 +546,10 @@ class ExactModel:
 
         tok = task.tokenizer
         eos, pad = int(tok.eos_token_id), int(tok.pad_token_id)
-        acts = (
-            list(actions)
-            if actions is not None
-            else [i for i in range(len(tok)) if i != pad or i == eos]
-        )
+        legal = task.action_mask.tolist()  # the env's action set (tasks.illegal_action_ids)
+        acts = list(actions) if actions is not None else [i for i, ok in enumerate(legal) if ok]
+        if any(not 0 <= a < len(legal) or not legal[a] for a in acts):
+            raise ValueError(f"actions {acts} include ids that are not legal actions of the task")
         texts = list(prompts) if prompts is not None else list(task.prompts)
         prompt_ids = [list(tok(p, add_special_tokens=False).input_ids) for p in texts]
         h = int(horizon if horizon is not None else task.max_response_tokens)

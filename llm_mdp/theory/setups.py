@@ -15,35 +15,35 @@ POLICY_KINDS = ("tabular", "gpt2", "llama")
 
 PROMPT = "a"
 ALPHABET = "ab"
-# char_tokenizer("ab"): 0 = <pad>, 1 = <eos>, 2 = 'a', 3 = 'b'. The policy acts on {EOS, a, b}.
-EOS, A, B = 1, 2, 3
+# char_tokenizer("ab"): 0 = <eos> (also the pad token), 1 = 'a', 2 = 'b': every id is an action.
+EOS, A, B = 0, 1, 2
 ACTIONS = (EOS, A, B)
 
 
 def make_policy(kind: str, horizon: int, seed: int, *, init_scale: float = 1.0) -> Any:
-    """A policy over the 4-token char vocabulary of :func:`paper_setup`.
+    """A policy over the 3-token char vocabulary of :func:`paper_setup`.
 
     ``"tabular"``: :class:`TabularPolicy` with ``N(0, init_scale^2)`` logits. ``"gpt2"`` /
     ``"llama"``: a one-layer 16-wide :class:`CausalLMPolicy` (a few thousand parameters),
     initialised with std ``0.5 * init_scale`` so that its policy is far from uniform.
     """
     if kind == "tabular":
-        return TabularPolicy(4, EOS, horizon, [(A,)], seed=seed, init_scale=init_scale)
+        return TabularPolicy(len(ACTIONS), EOS, horizon, [(A,)], seed=seed, init_scale=init_scale)
     common: dict[str, Any] = {
         "n_layer": 1,
         "n_embd": 16,
         "n_head": 2,
         "max_positions": 16,
         "seed": seed,
-        "pad_token_id": 0,
+        "pad_token_id": EOS,
         "eos_token_id": EOS,
         "init_std": 0.5 * init_scale,
     }
     model: Any
     if kind == "gpt2":
-        model = tiny_gpt2(4, **common)
+        model = tiny_gpt2(len(ACTIONS), **common)
     elif kind == "llama":
-        model = tiny_llama(4, n_kv_head=1, **common)
+        model = tiny_llama(len(ACTIONS), n_kv_head=1, **common)
     else:
         raise ValueError(f"policy must be one of {POLICY_KINDS}, got {kind!r}")
     return CausalLMPolicy(model, seed=seed)

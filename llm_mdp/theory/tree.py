@@ -137,7 +137,7 @@ def enumerate_tree(
     Args:
         prompts: prompt token-id sequences (distinct, non-empty).
         actions: the tokens the policy may emit (EOS must be one of them); the policy is
-            renormalised over them (e.g. ``{EOS, a, b}`` without ``<pad>``).
+            renormalised over them (e.g. a subset of a larger vocabulary).
         eos_token_id: the EOS id.
         horizon: ``H >= 1`` (``>= 2`` for ``"force-eos"`` to leave a choice).
         length_cap: ``"env"`` or ``"force-eos"``.
