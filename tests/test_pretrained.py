@@ -22,7 +22,7 @@ from llm_mdp import models
 from llm_mdp.agents import GRPO, GRPOConfig, TRePO, TRePOConfig, rollout
 from llm_mdp.envs import LLMTokenVectorEnv
 from llm_mdp.policies import CausalLMPolicy, tiny_llama
-from llm_mdp.tasks import TASKS, ResponseBatch, Task, make_task
+from llm_mdp.tasks import TASKS, ResponseBatch, Task, illegal_action_ids, make_task
 from llm_mdp.tasks.chat import (
     CHAT_QUESTIONS,
     chat_keyword_task,
@@ -168,9 +168,17 @@ def test_smollm2_env_policy_and_one_update_each(smollm2: tuple[Any, Any]) -> Non
     )
     env = LLMTokenVectorEnv(task, 4)
     policy = CausalLMPolicy(model, tok, vocab_size=len(tok), seed=0)
+    # the chat template's own tokens are not actions: emitting <|im_start|> would be text
+    # that decoding drops; EOS (<|im_end|>) is the one special token the policy may emit
+    illegal = illegal_action_ids(tok)
+    assert tok.convert_tokens_to_ids("<|im_start|>") in illegal and tok.eos_token_id not in illegal
+    assert policy.action_mask.tolist() == env.action_mask.tolist() == task.action_mask.tolist()
 
     # one episode batch; the KV-cached acting log-probs equal the teacher-forced ones
     ro = rollout(env, policy, {"prompt_indices": [0, 1], "group_size": 2})
+    assert not bool(
+        torch.isin(ro.response_ids[ro.response_mask.bool()], torch.tensor(illegal)).any()
+    )
     assert ro.rewards.shape == (4,) and bool(((ro.rewards >= 0) & (ro.rewards <= 1)).all())
     with torch.no_grad():
         teacher = policy.log_probs(ro.input_ids, ro.attention_mask, ro.prompt_width)
