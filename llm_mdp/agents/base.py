@@ -35,6 +35,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
+from gymnasium.vector import AutoresetMode
 
 from llm_mdp import distributed
 from llm_mdp import estimators as est
@@ -161,6 +162,16 @@ class Agent:
         if not isinstance(env, LLMTokenVectorEnv):
             raise TypeError(
                 f"agents drive an LLMTokenVectorEnv (gymnasium.make_vec), got {type(env).__name__}"
+            )
+        if env.autoreset_mode != AutoresetMode.DISABLED or env.backend != "torch":
+            # rollouts step whole batches until every row ends and read the final
+            # observation as the training batch: no row may restart underneath them
+            raise ValueError(
+                f"agents run whole synchronous batches of torch tensors, so the env needs "
+                f"autoreset_mode='Disabled' and backend='torch' (LLMTokenVectorEnv's defaults); "
+                f"got autoreset_mode={env.autoreset_mode.value!r}, backend={env.backend!r}. "
+                "gymnasium.make_vec defaults to Gymnasium's 'NextStep' and 'numpy': pass "
+                "autoreset_mode='Disabled', backend='torch' to it"
             )
         if env.num_envs % cfg.group_size:
             raise ValueError(
@@ -465,6 +476,7 @@ class Agent:
         logger = MetricsLogger(
             self.run_dir,
             progress=progress and self.dist.is_main,
+            desc=self.name,
             total=total_updates,
             start=self.update,
         )

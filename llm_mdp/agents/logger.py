@@ -15,6 +15,7 @@ class MetricsLogger:
     Args:
         run_dir: folder for ``metrics.csv`` and ``tb/`` (``None``: stdout only).
         progress: show a tqdm bar with reward and KL (off: nothing on stdout).
+        desc: the bar's label (the agent's name), so runs one after another are told apart.
         total: the target update count, for the bar.
         start: the update the run resumes from.
         tensorboard: also write TensorBoard scalars when ``torch.utils.tensorboard``
@@ -26,12 +27,18 @@ class MetricsLogger:
         run_dir: Path | None,
         *,
         progress: bool = True,
+        desc: str | None = None,
         total: int | None = None,
         start: int = 0,
         tensorboard: bool = True,
     ) -> None:
         self.bar = tqdm(
-            total=total, initial=start, disable=not progress, unit="update", dynamic_ncols=True
+            desc=desc,
+            total=total,
+            initial=start,
+            disable=not progress,
+            unit="update",
+            dynamic_ncols=True,
         )
         self._csv_file: TextIO | None = None
         self._writer: csv.DictWriter[str] | None = None

@@ -1,9 +1,45 @@
-"""The token-level MDP as Gymnasium environments (single and natively batched)."""
+"""The token-level MDP as Gymnasium environments (single and natively batched).
 
-from llm_mdp.envs.registration import env_id, register_envs
-from llm_mdp.envs.token_env import LLMTokenEnv
-from llm_mdp.envs.vector_env import EnvStateError, LLMTokenVectorEnv
+Importing this package registers the Gymnasium ids; the env classes (and torch) are
+imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from llm_mdp.envs.registration import env_id, register_env, register_envs
+
+if TYPE_CHECKING:
+    from llm_mdp.envs.token_env import LLMTokenEnv
+    from llm_mdp.envs.vector_env import EnvStateError, LLMTokenVectorEnv
 
 register_envs()
 
-__all__ = ["EnvStateError", "LLMTokenEnv", "LLMTokenVectorEnv", "env_id", "register_envs"]
+_LAZY = {
+    "EnvStateError": "llm_mdp.envs.vector_env",
+    "LLMTokenEnv": "llm_mdp.envs.token_env",
+    "LLMTokenVectorEnv": "llm_mdp.envs.vector_env",
+}
+
+__all__ = [
+    "EnvStateError",
+    "LLMTokenEnv",
+    "LLMTokenVectorEnv",
+    "env_id",
+    "register_env",
+    "register_envs",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

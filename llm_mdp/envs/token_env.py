@@ -32,10 +32,20 @@ class LLMTokenEnv(gym.Env):
 
     When the episode ends, ``info`` holds ``prompt`` and ``response`` text (unless
     ``info_text=False``: then nothing is decoded) and, for tasks with true token-level
-    rewards, ``token_rewards`` (length ``T``).
+    rewards, ``token_rewards``: ``(R,)`` float64, ``r_t`` for the ``T`` response tokens
+    and 0.0 after them. Every info entry has a fixed type and shape, so Gymnasium's
+    ``SyncVectorEnv``/``AsyncVectorEnv`` can batch them.
+
+    ``render_mode``: ``"ansi"`` (``render()`` returns ``prompt | response (status)``),
+    ``"human"`` (prints it every step) or ``"rgb_array"`` (that line drawn on a fixed-size
+    ``(32, 640, 3)`` uint8 image, for video recorders; needs Pillow). Pickles (the
+    built-in tasks' rewards are module-level callables).
     """
 
-    metadata: dict[str, Any] = {"render_modes": ["ansi", "human"], "render_fps": 4}  # noqa: RUF012
+    metadata: dict[str, Any] = {  # noqa: RUF012
+        "render_modes": ["ansi", "human", "rgb_array"],
+        "render_fps": 4,
+    }
 
     def __init__(
         self,
@@ -110,14 +120,13 @@ class LLMTokenEnv(gym.Env):
             for key in ("prompt", "response"):
                 if key in vinfo:
                     info[key] = vinfo[key][0]
-            if "token_rewards" in vinfo:
-                n = int(self._vec.response_len[0])
-                info["token_rewards"] = vinfo["token_rewards"][0][:n]
+            if "token_rewards" in vinfo:  # (R,): a fixed shape, whatever the length
+                info["token_rewards"] = vinfo["token_rewards"][0]
         if self.render_mode == "human":
             print(self._vec.render_text())
         return self._row(obs), float(reward[0]), term, trunc, info
 
-    def render(self) -> str | None:
+    def render(self) -> str | np.ndarray | None:
         if self.render_mode is None:
             gym.logger.warn("render() called without a render_mode; pass render_mode='ansi'")
             return None
@@ -125,8 +134,28 @@ class LLMTokenEnv(gym.Env):
         if self.render_mode == "human":
             print(text)
             return None
+        if self.render_mode == "rgb_array":
+            return text_frame(text)
         return text
 
     @staticmethod
     def _row(obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {k: v[0] for k, v in obs.items()}
+
+
+FRAME_SHAPE = (32, 640, 3)
+"""Shape of an ``rgb_array`` frame: fixed, as video recorders need; longer text is cut."""
+
+
+def text_frame(text: str, shape: tuple[int, int, int] = FRAME_SHAPE) -> np.ndarray:
+    """``text`` drawn in black on a white ``shape`` uint8 image (Pillow's default font)."""
+    try:
+        from PIL import Image, ImageDraw
+    except ImportError as exc:
+        raise ImportError(
+            "render_mode='rgb_array' draws the text with Pillow: pip install pillow"
+        ) from exc
+    height, width, _ = shape
+    image = Image.new("RGB", (width, height), "white")
+    ImageDraw.Draw(image).multiline_text((4, 4), text, fill="black")
+    return np.asarray(image, dtype=np.uint8)

@@ -59,13 +59,14 @@ class LLMTokenVectorEnv(VectorEnv):
         backend: ``"torch"`` (tensors in and out, the built-in agents' hot path) or
             ``"numpy"`` (arrays: use it with Gymnasium's vector wrappers, which expect
             NumPy, e.g. ``RecordEpisodeStatistics``).
-        autoreset_mode: ``DISABLED`` (default; the built-in agents run whole synchronous
-            batches: finished rows are frozen, their actions ignored, until ``reset``;
-            ``terminated``/``truncated`` are True only on the step a row ends, as for
-            Gymnasium's vector envs, while :attr:`done` / :attr:`all_done` keep the
-            state), ``SAME_STEP`` (SB3-style: a
-            finished row is reset within the same ``step``; its last observation is in
-            ``info["final_obs"]``) or ``NEXT_STEP`` (Gymnasium's default).
+        autoreset_mode: ``DISABLED`` (default here, and the mode the built-in agents
+            require: they run whole synchronous batches; finished rows are frozen, their
+            actions ignored, until ``reset``; ``terminated``/``truncated`` are True only
+            on the step a row ends, as for Gymnasium's vector envs, while :attr:`done` /
+            :attr:`all_done` keep the state), ``SAME_STEP`` (SB3-style: a finished row is
+            reset within the same ``step``; its last observation is in
+            ``info["final_obs"]``) or ``NEXT_STEP`` (Gymnasium's default, and the default
+            of ``gymnasium.make_vec``, which also defaults to ``backend="numpy"``).
         info_text: put decoded prompt and response text in ``info`` when a row finishes.
         task_kwargs: forwarded to :func:`~llm_mdp.tasks.make_task` when ``task`` is a name.
 

@@ -65,7 +65,8 @@ class LLMVecEnv(VecEnv):
     the default ``"terminated"`` the cap is part of the task and SB3 does not bootstrap).
     A finished env's info also has ``"terminal_observation"`` (its last observation, a
     dict of ``(W,)`` arrays) and, for tasks with true token rewards, ``"token_rewards"``
-    (length ``T``); the returned ``obs`` row is already the next episode's first state.
+    (``(R,)``, zero after the response, as :class:`~llm_mdp.envs.LLMTokenEnv` reports
+    them); the returned ``obs`` row is already the next episode's first state.
 
     Seeding and options: the rows share one prompt sampler, seeded at the next
     ``reset()`` by ``seed(s)`` (SB3 calls it from ``set_random_seed``). ``set_options``
@@ -174,8 +175,7 @@ class LLMVecEnv(VecEnv):
                 last = {k: v[i] for k, v in final.items()}
                 infos[i]["terminal_observation"] = last
                 if token_rewards is not None:
-                    n = int(last["attention_mask"][self.venv.P :].sum())
-                    infos[i]["token_rewards"] = token_rewards[i, :n]
+                    infos[i]["token_rewards"] = token_rewards[i]
         return self._obs(obs), _np(reward).astype(np.float32), dones, infos
 
     def close(self) -> None:

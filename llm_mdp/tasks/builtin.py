@@ -15,6 +15,10 @@ exist and are reported in ``info``, but the learner only gets their discounted s
 the end. Everything is built locally on character tokenizers; the text tasks
 (``target_token``, ``keyword``, ``reverse``, ``arithmetic``) also take any Hugging Face
 ``tokenizer=`` so that a pretrained model can play them.
+
+Reward functions are small module-level callables (not closures), so every built-in task,
+and an env holding one, pickles: ``SubprocVecEnv``/``AsyncVectorEnv`` workers and
+``copy.deepcopy`` get the same rewards.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Callable
-from functools import cache
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,17 +57,11 @@ def target_token_task(
     ids = tok(target, add_special_tokens=False).input_ids
     if len(ids) != 1:
         raise ValueError(f"target {target!r} is not a single token of {type(tok).__name__}")
-    target_id = ids[0]
     prompts = _random_strings(alphabet, num_prompts, 1, 4, seed=0)
-
-    def reward(batch: ResponseBatch) -> torch.Tensor:
-        hits = ((batch.response_ids == target_id) & batch.response_mask.bool()).sum(-1)
-        return hits.double() / max_response_tokens
-
     return Task(
         name="target_token",
         prompts=prompts,
-        reward_fn=reward,
+        reward_fn=TargetFraction(int(ids[0]), max_response_tokens),
         tokenizer=tok,
         max_response_tokens=max_response_tokens,
         optimal_reward=1.0,
@@ -85,16 +83,11 @@ def keyword_task(
         raise ValueError(
             f"keyword {keyword!r} is longer than max_response_tokens={max_response_tokens}"
         )
-    prompts = _random_strings(alphabet, num_prompts, 1, 4, seed=1)
-
-    def reward(prompts: list[str], responses: list[str]) -> list[float]:
-        return [float(keyword in r) for r in responses]
-
-    return Task.from_text_fn(
-        "keyword",
-        prompts,
-        reward,
-        tokenizer or char_tokenizer(alphabet),
+    return Task(
+        name="keyword",
+        prompts=_random_strings(alphabet, num_prompts, 1, 4, seed=1),
+        reward_fn=ContainsKeyword(keyword),
+        tokenizer=tokenizer or char_tokenizer(alphabet),
         max_response_tokens=max_response_tokens,
         optimal_reward=1.0,
         description=f"binary: does the response contain {keyword!r}?",
@@ -120,19 +113,11 @@ def reverse_task(
         for n in range(min_len, max_len + 1)
         for p in itertools.product(alphabet, repeat=n)
     ]
-
-    def reward(prompts: list[str], responses: list[str]) -> list[float]:
-        out = []
-        for p, r in zip(prompts, responses, strict=True):
-            target = p.rstrip("=")[::-1]
-            out.append(_match(r, target, partial))
-        return out
-
-    return Task.from_text_fn(
-        "reverse",
-        prompts,
-        reward,
-        tokenizer or char_tokenizer(alphabet + "="),
+    return Task(
+        name="reverse",
+        prompts=prompts,
+        reward_fn=ReversedPrompt(partial),
+        tokenizer=tokenizer or char_tokenizer(alphabet + "="),
         max_response_tokens=max_response_tokens or max_len + 1,
         optimal_reward=1.0,
         description="reverse the string before '='" + (" (partial credit)" if partial else ""),
@@ -152,19 +137,11 @@ def arithmetic_task(
     if not 0 <= max_operand <= 99:
         raise ValueError(f"max_operand={max_operand}, expected 0..99")
     prompts = [f"{a}+{b}=" for a in range(max_operand + 1) for b in range(max_operand + 1)]
-
-    def reward(prompts: list[str], responses: list[str]) -> list[float]:
-        out = []
-        for p, r in zip(prompts, responses, strict=True):
-            a, b = p.rstrip("=").split("+")
-            out.append(_match(r, str(int(a) + int(b)), partial))
-        return out
-
-    return Task.from_text_fn(
-        "arithmetic",
-        prompts,
-        reward,
-        tokenizer or char_tokenizer("0123456789+="),
+    return Task(
+        name="arithmetic",
+        prompts=prompts,
+        reward_fn=SumOfOperands(partial),
+        tokenizer=tokenizer or char_tokenizer("0123456789+="),
         max_response_tokens=max_response_tokens or len(str(2 * max_operand)) + 1,
         optimal_reward=1.0,
         description="write the sum a+b in digits",
@@ -189,25 +166,8 @@ def hidden_rewards_task(
     tok = char_tokenizer(alphabet)
     eos = int(tok.eos_token_id)
     chars = [i for i in range(len(tok)) if i != eos]  # the actions that continue a response
-
-    @cache
-    def r(prompt: tuple[int, ...], prefix: tuple[int, ...], token: int) -> float:
-        return random.Random(f"{seed}|{prompt}|{prefix}|{token}").uniform(-1.0, 1.0)
-
-    def token_rewards(batch: ResponseBatch) -> torch.Tensor:
-        out = torch.zeros(batch.response_ids.shape, dtype=torch.float64)
-        prompt_rows = batch.prompt_ids.tolist()
-        prompt_keep = batch.prompt_mask.tolist()
-        for i, resp in enumerate(batch.response_token_lists()):
-            prompt = tuple(t for t, k in zip(prompt_rows[i], prompt_keep[i], strict=True) if k)
-            for t, w in enumerate(resp):
-                out[i, t] = r(prompt, tuple(resp[:t]), w)
-        return out
-
-    discounts = torch.tensor([gamma**t for t in range(max_response_tokens)], dtype=torch.float64)
-
-    def reward(batch: ResponseBatch) -> torch.Tensor:
-        return (token_rewards(batch) * discounts[: batch.response_ids.shape[1]]).sum(-1)
+    hidden = HiddenTokenRewards(seed, gamma)
+    r = hidden.token_reward
 
     def best(prompt: tuple[int, ...], prefix: tuple[int, ...]) -> float:
         if len(prefix) == max_response_tokens:
@@ -226,15 +186,112 @@ def hidden_rewards_task(
     return Task(
         name="hidden_rewards",
         prompts=list(prompts),
-        reward_fn=reward,
+        reward_fn=hidden,
         tokenizer=tok,
         max_response_tokens=max_response_tokens,
-        token_reward_fn=token_rewards,
+        token_reward_fn=hidden.token_rewards,
         gamma=gamma,
         optimal_reward=optimum,
         description="hidden token rewards; RM(W) is their discounted sum (Theorem 1 set-up)",
         metadata={"token_reward": r},
     )
+
+
+@dataclass(frozen=True)
+class TargetFraction:
+    """``RM(W)`` of ``target_token``: the number of ``target_id`` tokens over the cap."""
+
+    target_id: int
+    max_response_tokens: int
+
+    def __call__(self, batch: ResponseBatch) -> torch.Tensor:
+        """``(n,)`` float64 rewards of ``batch``."""
+        hits = ((batch.response_ids == self.target_id) & batch.response_mask.bool()).sum(-1)
+        return hits.double() / self.max_response_tokens
+
+
+@dataclass(frozen=True)
+class ContainsKeyword:
+    """``RM(W)`` of ``keyword``: 1.0 if the response text contains ``keyword``, else 0.0."""
+
+    keyword: str
+
+    def __call__(self, batch: ResponseBatch) -> list[float]:
+        """One reward per response of ``batch``."""
+        return [float(self.keyword in r) for r in batch.responses]
+
+
+@dataclass(frozen=True)
+class ReversedPrompt:
+    """``RM(W)`` of ``reverse``: does the response spell the prompt (before ``=``) backwards?"""
+
+    partial: bool = False
+
+    def __call__(self, batch: ResponseBatch) -> list[float]:
+        """One reward per response of ``batch``."""
+        pairs = zip(batch.prompts, batch.responses, strict=True)
+        return [_match(r, p.rstrip("=")[::-1], self.partial) for p, r in pairs]
+
+
+@dataclass(frozen=True)
+class SumOfOperands:
+    """``RM(W)`` of ``arithmetic``: is the response ``a + b`` in digits for prompt ``a+b=``?"""
+
+    partial: bool = False
+
+    def __call__(self, batch: ResponseBatch) -> list[float]:
+        """One reward per response of ``batch``."""
+        out = []
+        for p, r in zip(batch.prompts, batch.responses, strict=True):
+            a, b = p.rstrip("=").split("+")
+            out.append(_match(r, str(int(a) + int(b)), self.partial))
+        return out
+
+
+class HiddenTokenRewards:
+    """The hidden token rewards of ``hidden_rewards`` and their discounted sum ``RM(W)``.
+
+    ``token_reward(prompt, prefix, token)`` is ``U(-1, 1)`` drawn from a generator seeded
+    with ``(seed, prompt, prefix, token)``, so it is a fixed function of the state and the
+    action and survives pickling (its memo is not pickled, only rebuilt).
+    """
+
+    def __init__(self, seed: int, gamma: float) -> None:
+        self.seed, self.gamma = seed, gamma
+        self._memo: dict[tuple[tuple[int, ...], tuple[int, ...], int], float] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"seed": self.seed, "gamma": self.gamma}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.seed, self.gamma = state["seed"], state["gamma"]
+        self._memo = {}
+
+    def token_reward(self, prompt: tuple[int, ...], prefix: tuple[int, ...], token: int) -> float:
+        """``r(s_t, w_t)`` for the state ``prompt + prefix`` and the action ``token``."""
+        key = (prompt, prefix, token)
+        value = self._memo.get(key)
+        if value is None:
+            rng = random.Random(f"{self.seed}|{prompt}|{prefix}|{token}")
+            value = self._memo[key] = rng.uniform(-1.0, 1.0)
+        return value
+
+    def token_rewards(self, batch: ResponseBatch) -> torch.Tensor:
+        """``(n, R)`` float64: ``r_t`` of every response token of ``batch``, 0 on padding."""
+        out = torch.zeros(batch.response_ids.shape, dtype=torch.float64)
+        prompt_rows = batch.prompt_ids.tolist()
+        prompt_keep = batch.prompt_mask.tolist()
+        for i, resp in enumerate(batch.response_token_lists()):
+            prompt = tuple(t for t, k in zip(prompt_rows[i], prompt_keep[i], strict=True) if k)
+            for t, w in enumerate(resp):
+                out[i, t] = self.token_reward(prompt, tuple(resp[:t]), w)
+        return out
+
+    def __call__(self, batch: ResponseBatch) -> torch.Tensor:
+        """``(n,)`` float64: ``RM(W) = sum_t gamma^(t-1) r_t``."""
+        R = batch.response_ids.shape[1]
+        discounts = torch.tensor([self.gamma**t for t in range(R)], dtype=torch.float64)
+        return (self.token_rewards(batch) * discounts).sum(-1)
 
 
 def _match(response: str, target: str, partial: bool) -> float:
@@ -272,7 +329,11 @@ def make_task(name: str, **kwargs: Any) -> Task:
 
 
 def register_task(name: str, factory: Callable[..., Task]) -> None:
-    """Make ``make_task(name)`` (and the CLI's ``--task name``) build ``factory()``."""
+    """Make ``make_task(name)`` (and the CLI's ``--task name``) build ``factory()``, and
+    register its Gymnasium id ``llm_mdp/<Name>-v0``."""
     if name in TASKS:
         raise ValueError(f"task {name!r} is already registered")
     TASKS[name] = factory
+    from llm_mdp.envs.registration import register_env
+
+    register_env(name)

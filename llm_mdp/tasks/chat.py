@@ -32,6 +32,7 @@ from llm_mdp.tasks.tokenizers import char_tokenizer
 
 __all__ = [
     "CHAT_QUESTIONS",
+    "ChatKeywordReward",
     "ChatScore",
     "chat_keyword_task",
     "format_chat_prompt",
@@ -145,6 +146,49 @@ def score_answer(
     return ChatScore(keyword, period, short, w_k * keyword + w_p * period + w_s * short)
 
 
+@dataclass(frozen=True)
+class ChatKeywordReward:
+    """``RM(W)`` of ``chat_keyword`` (a module-level callable, so the task pickles).
+
+    Attributes:
+        questions: the questions of the prompt pool, in order.
+        patterns: the keyword pattern of each question.
+        eos_token_id: the id whose emission means the answer ended.
+        max_words: word budget of the ``short`` part.
+        weights: ``(keyword, period, short)``.
+    """
+
+    questions: tuple[str, ...]
+    patterns: tuple[re.Pattern[str], ...]
+    eos_token_id: int
+    max_words: int
+    weights: tuple[float, float, float]
+
+    def pattern_for(self, index: int, prompt_text: str) -> re.Pattern[str] | None:
+        """The keyword pattern of pool prompt ``index``, or of the first question that a
+        free-text prompt (``index < 0``) contains; ``None`` if there is none."""
+        if 0 <= index < len(self.patterns):
+            return self.patterns[index]
+        for q, pat in zip(self.questions, self.patterns, strict=True):
+            if q in prompt_text:
+                return pat
+        return None
+
+    def __call__(self, batch: ResponseBatch) -> torch.Tensor:
+        """``(n,)`` float64 rewards of ``batch``."""
+        eos = self.eos_token_id
+        ended = [bool(ids) and ids[-1] == eos for ids in batch.response_token_lists()]
+        indices = batch.prompt_indices.tolist()
+        out = []
+        for i, (answer, done) in enumerate(zip(batch.responses, ended, strict=True)):
+            pat = self.pattern_for(indices[i], batch.prompts[i] if indices[i] < 0 else "")
+            score = score_answer(
+                answer, pat, ended=done, max_words=self.max_words, weights=self.weights
+            )
+            out.append(score.total)
+        return torch.tensor(out, dtype=torch.float64)
+
+
 def chat_keyword_task(
     tokenizer: PreTrainedTokenizerBase | None = None,
     *,
@@ -184,27 +228,14 @@ def chat_keyword_task(
         format_chat_prompt(tok, q, instruction=instruction, system_prompt=system_prompt)
         for q, _ in pairs
     ]
-    eos = tok.eos_token_id
     w = (float(weights[0]), float(weights[1]), float(weights[2]))
-
-    def pattern_for(index: int, prompt_text: str) -> re.Pattern[str] | None:
-        if 0 <= index < len(patterns):
-            return patterns[index]
-        for (q, _), pat in zip(pairs, patterns, strict=True):
-            if q in prompt_text:
-                return pat
-        return None
-
-    def reward(batch: ResponseBatch) -> torch.Tensor:
-        ended = [bool(ids) and ids[-1] == eos for ids in batch.response_token_lists()]
-        indices = batch.prompt_indices.tolist()
-        out = []
-        for i, (answer, done) in enumerate(zip(batch.responses, ended, strict=True)):
-            pat = pattern_for(indices[i], batch.prompts[i] if indices[i] < 0 else "")
-            score = score_answer(answer, pat, ended=done, max_words=max_words, weights=w)
-            out.append(score.total)
-        return torch.tensor(out, dtype=torch.float64)
-
+    reward = ChatKeywordReward(
+        questions=tuple(q for q, _ in pairs),
+        patterns=tuple(patterns),
+        eos_token_id=int(tok.eos_token_id),
+        max_words=max_words,
+        weights=w,
+    )
     return Task(
         name="chat_keyword",
         prompts=prompts,

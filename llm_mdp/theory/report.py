@@ -15,7 +15,10 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import shutil
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -547,28 +550,75 @@ def _tables(report: VerifyReport) -> tuple[str, list[tuple[str, list[str], list[
     return title, tables
 
 
-def format_report(report: VerifyReport) -> str:
-    """Plain-text rendering of the report."""
+def format_report(report: VerifyReport, width: int | None = None) -> str:
+    """Plain-text rendering of the report, lines at most ``width`` characters (``None``:
+    no limit). A table wider than that is cut into column groups that repeat its leading
+    (name) columns; a line can exceed ``width`` only when the name columns and one more
+    do."""
     title, tables = _tables(report)
-    out = [title]
+    out = [title] if width is None else textwrap.wrap(title, width)
     for name, head, body in tables:
         widths = [
             max(len(h), *(len(row[i]) for row in body)) if body else len(h)
             for i, h in enumerate(head)
         ]
-        out.append("")
-        out.append(name)
-        out.append("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))
-        out.append("  ".join("-" * w for w in widths))
-        out.extend("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in body)
+        groups = _column_groups(widths, width, keep=_key_columns(head))
+        for k, cols in enumerate(groups):
+            out.append("")
+            out.append(name if len(groups) == 1 else f"{name} ({k + 1}/{len(groups)})")
+            out.append("  ".join(head[i].ljust(widths[i]) for i in cols).rstrip())
+            out.append("  ".join("-" * widths[i] for i in cols))
+            out.extend("  ".join(row[i].ljust(widths[i]) for i in cols).rstrip() for row in body)
     out.append("")
     out.append("all checks passed" if report.passed else "SOME CHECKS FAILED")
     return "\n".join(out)
 
 
-def print_report(report: VerifyReport, file: TextIO | None = None, *, plain: bool = False) -> None:
-    """Print the report: a ``rich`` table when ``rich`` is importable, else plain text."""
+def _key_columns(head: Sequence[str]) -> int:
+    """How many leading columns name a row (repeated in every column group)."""
+    return 2 if len(head) > 1 and head[1] in ("estimator", "placement") else 1
+
+
+def _column_groups(widths: Sequence[int], width: int | None, keep: int) -> list[list[int]]:
+    """Split column indices into groups whose joined width (2 spaces apart) fits ``width``;
+    each group starts with the first ``keep`` columns."""
+    every = list(range(len(widths)))
+    if width is None or sum(widths) + 2 * (len(widths) - 1) <= width:
+        return [every]
+    groups: list[list[int]] = []
+    current = every[:keep]
+    for i in every[keep:]:
+        if len(current) > keep and sum(widths[j] + 2 for j in current) + widths[i] > width:
+            groups.append(current)
+            current = every[:keep]
+        current = [*current, i]
+    groups.append(current)
+    return groups
+
+
+def output_width(stream: TextIO) -> int | None:
+    """The width to fit output to: the terminal's (or ``$COLUMNS``) when ``stream`` is a
+    terminal or ``COLUMNS`` is set, else ``None`` (a file or pipe: no limit)."""
+    isatty = getattr(stream, "isatty", None)
+    if (callable(isatty) and isatty()) or "COLUMNS" in os.environ:
+        return shutil.get_terminal_size().columns
+    return None
+
+
+def print_report(
+    report: VerifyReport,
+    file: TextIO | None = None,
+    *,
+    plain: bool = False,
+    width: int | None = None,
+) -> None:
+    """Print the report: a ``rich`` table when ``rich`` is importable, else plain text.
+
+    Lines fit ``width`` (default: :func:`output_width` of the stream, so a terminal's
+    width; no limit for a file or pipe).
+    """
     stream = file if file is not None else sys.stdout
+    width = width if width is not None else output_width(stream)
     try:
         if plain:
             raise ImportError
@@ -576,21 +626,27 @@ def print_report(report: VerifyReport, file: TextIO | None = None, *, plain: boo
         from rich.markup import escape
         from rich.table import Table
     except ImportError:
-        print(format_report(report), file=stream)
+        print(format_report(report, width), file=stream)
         return
-    console = Console(file=stream, width=200)
+    console = Console(file=stream, width=width or 1000)  # a file: a width no table reaches
     title, tables = _tables(report)
     console.print(title)
     for name, head, body in tables:
-        table = Table(title=name, title_justify="left")
-        for h in head:
-            table.add_column(
-                h, justify="left" if h in ("section", "estimator", "identity") else "right"
-            )
-        for row in body:
-            style = "red" if row[-1] == "FAIL" else None
-            table.add_row(*(escape(c) for c in row), style=style)
-        console.print(table)
+        widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(head)]
+        # a rich column takes its text + 3 (padding, rule); cut into groups, never squeeze
+        # numbers into "0.10…"
+        limit = None if width is None else width - 3
+        groups = _column_groups([w + 1 for w in widths], limit, keep=_key_columns(head))
+        for k, cols in enumerate(groups):
+            label = name if len(groups) == 1 else f"{name} ({k + 1}/{len(groups)})"
+            table = Table(title=label, title_justify="left")
+            for i in cols:
+                left = head[i] in ("section", "estimator", "identity")
+                table.add_column(head[i], justify="left" if left else "right")
+            for row in body:
+                style = "red" if row[-1] == "FAIL" else None
+                table.add_row(*(escape(row[i]) for i in cols), style=style)
+            console.print(table)
     console.print("all checks passed" if report.passed else "[red]SOME CHECKS FAILED[/red]")
 
 
