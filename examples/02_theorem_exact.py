@@ -11,33 +11,40 @@ every estimator, in float64.
     python examples/02_theorem_exact.py --gamma 0.9      # (26): ZRA + discounting is biased
     python examples/02_theorem_exact.py --policy gpt2    # a tiny transformer, all parameters
 
-The same table comes from ``llm-mdp verify``.
+The same table comes from ``llm-mdp verify``; the bias/variance plot goes to ``--out``
+(default ``runs/02_bias_variance.png``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from llm_mdp.tasks import char_tokenizer
 from llm_mdp.theory import paper_setup, plot_bias_variance, print_report, verify
+from llm_mdp.theory.setups import ALPHABET
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gamma", type=float, default=1.0)
     parser.add_argument("--policy", choices=["tabular", "gpt2", "llama"], default="tabular")
-    parser.add_argument("--plot", default="bias_variance.png", help="where to save the plot")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/02_bias_variance.png"), help="the plot (PNG)"
+    )
     args = parser.parse_args()
 
     # 1. The exact model: every response, its probability and its reward.
     model = paper_setup(gamma=args.gamma, policy=args.policy)
     tree = model.tree
+    tok = char_tokenizer(ALPHABET)  # the set-up's tokenizer: token ids -> text
     print(f"{tree.describe()}; J = E RM(W) = {model.J:.6f}\n")
     print("a few responses:  P(W)     RM(W)")
     for i in range(0, tree.num_responses, 4):
-        text = "".join({1: "<eos>", 2: "a", 3: "b"}[t] for t in tree.responses[i][1])
+        text = "".join(tok.convert_ids_to_tokens(list(tree.responses[i][1])))
         print(f"  {text:18s} {float(model.prob[i]):.4f}  {float(model.rewards[i]):+.4f}")
 
     # 2. Theorem 1 by hand: weight every token of W by RM(W) (REINFORCE). Its expectation,
@@ -61,7 +68,8 @@ def main() -> None:
     report = verify(gamma=args.gamma, policy=args.policy)
     print()
     print_report(report)
-    print(f"bias/variance plot: {plot_bias_variance(report, args.plot)}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"bias/variance plot: {plot_bias_variance(report, args.out)}")
 
 
 if __name__ == "__main__":

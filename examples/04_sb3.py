@@ -11,7 +11,8 @@ SB3's own ``PPO`` runs unchanged.
     python examples/04_sb3.py --task target_token --steps 8000
     python examples/04_sb3.py --policy mlp       # SB3's MultiInputPolicy for comparison
 
-Needs ``pip install 'llm-mdp[sb3]'``.
+Needs ``pip install 'llm-mdp[sb3]'`` (stable-baselines3, and tqdm + rich for SB3's
+progress bar).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--policy", choices=["lm", "mlp"], default="lm")
     parser.add_argument("--eval-episodes", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -77,7 +79,7 @@ def main() -> None:
 
     before = mean_reward()
     start = time.perf_counter()
-    model.learn(total_timesteps=args.steps)
+    model.learn(total_timesteps=args.steps, progress_bar=not args.no_progress)  # SB3's bar
     seconds = time.perf_counter() - start
     after = mean_reward()
     print(f"mean episode reward before: {before:.3f}")

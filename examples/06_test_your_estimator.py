@@ -10,8 +10,8 @@ plugin, installed with the package: no conftest.py needed. Guide: docs/testing.m
     python examples/06_test_your_estimator.py                # the same, through pytest.main
 
 One estimator passes; one with a planted bug (a group-mean baseline that includes the
-sample itself) fails with a message naming the (G-1)/G scaling, shown here with
-``pytest.raises`` so that this file passes.
+sample itself) fails with a message naming the (G-1)/G scaling, caught here with
+``pytest.raises`` so that this file passes, and printed (run as a script, or with ``-s``).
 """
 
 from __future__ import annotations
@@ -78,8 +78,9 @@ def test_my_rloo_is_unbiased(exact_mdp):
 
 
 def test_the_planted_bias_is_caught_and_explained(exact_mdp):
-    with pytest.raises(AssertionError, match=r"looks like a \(G-1\)/G = 0\.75 scaling"):
+    with pytest.raises(AssertionError, match=r"looks like a \(G-1\)/G = 0\.75 scaling") as caught:
         assert_unbiased(my_buggy_baseline, exact_mdp, group_size=G)
+    print(f"\nassert_unbiased(my_buggy_baseline) failed as it should:\n{caught.value}")
     # once understood, pin the bias so that a change of it shows up
     assert_biased(my_buggy_baseline, exact_mdp, group_size=G, expected_scale=(G - 1) / G)
 
@@ -107,4 +108,5 @@ if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # (this script imported torch & co. before pytest starts: silence pytest's note on that)
     quiet = ["-W", "ignore::pytest.PytestAssertRewriteWarning", "-p", "no:cacheprovider"]
-    sys.exit(pytest.main([__file__, "-q", *quiet, *sys.argv[1:]]))
+    # -s: show what the tests print (the planted bug's HINT, the numbers of the report)
+    sys.exit(pytest.main([__file__, "-q", "-s", *quiet, *sys.argv[1:]]))

@@ -309,3 +309,41 @@ def test_verify_table_fits_the_width_and_keeps_every_cell(small_report: Any, wid
     assert ("(1/" in plain) == (width is not None)
     natural = max(len(line) for line in format_report(small_report).splitlines()[1:])
     assert natural > 100  # so that the widths above do cut the tables
+
+
+# ---------------------------------------------------------------- bench output
+def test_bench_quiet_nests_and_silences_model_loading(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from transformers.utils import logging as tlog
+
+    from llm_mdp.bench.common import quiet
+    from llm_mdp.bench.vs_trl import load_model
+    from llm_mdp.policies import tiny_gpt2
+
+    assert tlog.is_progress_bar_enabled()
+    tiny_gpt2(10, n_layer=1, n_embd=16, seed=0).save_pretrained(tmp_path)
+    capfd.readouterr()
+    with quiet():
+        with quiet():  # a section's own quiet() inside run_bench's
+            pass
+        assert not tlog.is_progress_bar_enabled()
+        load_model(tmp_path, torch.device("cpu"))
+    out, err = capfd.readouterr()
+    assert "Loading weights" not in err + out
+    assert tlog.is_progress_bar_enabled()  # restored on the way out
+
+
+def test_progress_bar_names_the_agent(capfd: pytest.CaptureFixture[str]) -> None:
+    from llm_mdp.agents import REINFORCE, REINFORCEConfig
+    from llm_mdp.policies import CausalLMPolicy, tiny_gpt2
+
+    env = LLMTokenVectorEnv("target_token", 4)
+    policy = CausalLMPolicy(tiny_gpt2(env.vocab_size, n_layer=1, n_embd=16, seed=0), env.tokenizer)
+    agent = REINFORCE(env, policy, REINFORCEConfig(seed=0))
+    capfd.readouterr()
+    agent.learn(2, progress=True)
+    err = capfd.readouterr().err.replace("\r", "\n")
+    bars = [line for line in err.splitlines() if "update" in line]
+    assert bars and all(line.startswith("reinforce: ") for line in bars)
+    assert "2/2" in bars[-1]

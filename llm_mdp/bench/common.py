@@ -128,17 +128,23 @@ BUDGETS: dict[str, Budget] = {
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence transformers' / datasets' progress bars, info logs and deprecation warnings
-    (TRL's defaults trigger some) for the duration of a benchmark."""
+    (TRL's defaults trigger some) for the duration of a benchmark.
+
+    Nests: on exit it restores the state it found, so an inner ``quiet()`` (a section
+    inside ``run_bench``'s) does not turn the bars back on for the rest of the outer one.
+    """
     import transformers
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     tlog = transformers.utils.logging
-    level = tlog.get_verbosity()
+    level, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
     tlog.set_verbosity_error()
     tlog.disable_progress_bar()
     ds: Any = None
     with contextlib.suppress(ImportError):
         ds = importlib.import_module("datasets")
+    ds_bars = ds is not None and not ds.are_progress_bars_disabled()
+    if ds is not None:
         ds.disable_progress_bars()
     try:
         with warnings.catch_warnings():
@@ -146,8 +152,9 @@ def quiet() -> Iterator[None]:
             yield
     finally:
         tlog.set_verbosity(level)
-        tlog.enable_progress_bar()
-        if ds is not None:
+        if bars:
+            tlog.enable_progress_bar()
+        if ds_bars:
             ds.enable_progress_bars()
 
 
