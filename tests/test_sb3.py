@@ -42,6 +42,10 @@ from llm_mdp.sb3 import LLMVecEnv, LMActorCriticPolicy, make_sb3_env
 from llm_mdp.tasks import ResponseBatch, Task, make_task
 
 ROOT = Path(__file__).resolve().parents[1]
+TOK = make_task("target_token").tokenizer
+V = len(TOK)  # the target_token vocabulary (every id an action)
+EOS = int(TOK.eos_token_id)
+CHAR = int(TOK.convert_tokens_to_ids("a"))  # a token that continues a response
 
 
 def _random_actions(seed: int, steps: int, num_envs: int, vocab: int) -> np.ndarray:
@@ -247,7 +251,7 @@ def test_adapter_decodes_no_text() -> None:
     tok.batch_decode = boom  # type: ignore[method-assign]
     adapter.reset()
     dones = 0
-    for a in _random_actions(0, 30, 4, 10):
+    for a in _random_actions(0, 30, 4, V):
         dones += int(adapter.step(a)[2].sum())
     assert dones > 0
 
@@ -263,7 +267,7 @@ def test_adapter_construction_attributes_seeding_and_options() -> None:
     ):
         assert env.num_envs == 2 and env.observation_space == env.venv.single_observation_space
         env.reset()
-        obs, rew, dones, _ = env.step(np.array([1, 1]))
+        obs, rew, dones, _ = env.step(np.array([EOS, EOS]))
         assert isinstance(obs["input_ids"], np.ndarray) and isinstance(rew, np.ndarray)
         assert dones.all()  # EOS
     with pytest.raises(ValueError, match="SameStep"):
@@ -277,7 +281,7 @@ def test_adapter_construction_attributes_seeding_and_options() -> None:
 
     env = LLMVecEnv("target_token", 3)
     assert env.get_attr("P") == [env.venv.P] * 3
-    assert env.get_attr("vocab_size", indices=[0, 2]) == [10, 10]
+    assert env.get_attr("vocab_size", indices=[0, 2]) == [V, V]
     assert env.env_is_wrapped(gym.Wrapper) == [False] * 3
     env.set_attr("info_text", False)
     with pytest.raises(ValueError, match="share"):
@@ -293,7 +297,7 @@ def test_adapter_construction_attributes_seeding_and_options() -> None:
     np.testing.assert_array_equal(env.reset()["input_ids"], first)
 
     # per-env reset options, in LLMTokenEnv's names
-    env.set_options([{"prompt_index": i, "response_prefix": [2] * i} for i in range(3)])
+    env.set_options([{"prompt_index": i, "response_prefix": [CHAR] * i} for i in range(3)])
     obs = env.reset()
     P = env.venv.P
     np.testing.assert_array_equal(obs["attention_mask"][:, P:].sum(1), [0, 1, 2])
@@ -310,7 +314,7 @@ def test_torch_backend_env_gives_numpy_to_sb3() -> None:
     native = LLMTokenVectorEnv("target_token", 3, autoreset_mode="SameStep", info_text=False)
     env = LLMVecEnv(native)
     env.reset()
-    for a in _random_actions(0, 12, 3, 10):
+    for a in _random_actions(0, 12, 3, V):
         obs, rew, dones, infos = env.step(a)
         assert all(isinstance(v, np.ndarray) for v in obs.values())
         assert isinstance(rew, np.ndarray) and isinstance(dones, np.ndarray)
@@ -334,9 +338,9 @@ def test_lm_policy_is_the_lm_next_token_distribution(factory: Any) -> None:
     env = LLMVecEnv("target_token", 6)
     env.seed(0)
     obs = env.reset()
-    for a in _random_actions(5, 3, 6, 10):  # some rows mid-response, some just reset
+    for a in _random_actions(5, 3, 6, V):  # some rows mid-response, some just reset
         obs, *_ = env.step(a)
-    lm = factory(10, seed=1)
+    lm = factory(V, seed=1)
     policy = _policy(env, lm)
     torch.nn.init.normal_(policy.value_net.weight)
     obs_t, _ = policy.obs_to_tensor(obs)
@@ -360,15 +364,15 @@ def test_lm_policy_is_the_lm_next_token_distribution(factory: Any) -> None:
 
 def test_lm_policy_parameters_and_errors() -> None:
     env = LLMVecEnv("target_token", 2)
-    lm = tiny_gpt2(16, n_layer=1, n_embd=32)  # LM head larger than the vocabulary: cut to 10
+    lm = tiny_gpt2(16, n_layer=1, n_embd=32)  # LM head larger than the vocabulary: cut to V
     policy = _policy(env, lm)
     assert _n_params(policy) == _n_params(lm) + 32 + 1
     obs_t, _ = policy.obs_to_tensor(env.reset())
-    assert policy.get_distribution(obs_t).distribution.logits.shape == (2, 10)
+    assert policy.get_distribution(obs_t).distribution.logits.shape == (2, V)
     separate = _policy(
-        env, functools.partial(tiny_gpt2, 10, n_layer=1, n_embd=32), share_features_extractor=False
+        env, functools.partial(tiny_gpt2, V, n_layer=1, n_embd=32), share_features_extractor=False
     )
-    assert _n_params(separate) == 2 * _n_params(tiny_gpt2(10, n_layer=1, n_embd=32)) + 33
+    assert _n_params(separate) == 2 * _n_params(tiny_gpt2(V, n_layer=1, n_embd=32)) + 33
     with pytest.raises(TypeError, match="policy_kwargs"):
         _policy(env, None)
     with pytest.raises(TypeError, match="net_arch"):
@@ -381,7 +385,7 @@ def test_lm_policy_parameters_and_errors() -> None:
 
 def test_a2c_separate_critic_and_ppo_save_load(tmp_path: Path) -> None:
     env = make_sb3_env("target_token", 4)
-    factory = functools.partial(tiny_gpt2, 10, n_layer=1, n_embd=32, seed=0)
+    factory = functools.partial(tiny_gpt2, V, n_layer=1, n_embd=32, seed=0)
     a2c = A2C(
         LMActorCriticPolicy,
         env,
@@ -427,7 +431,7 @@ def test_update_log_probs_and_values_equal_the_rollout(share: bool) -> None:
     first-epoch ratio is 1. GPT-2's learned absolute positions make wrong position ids show
     (RoPE is shift-invariant, so Llama would not)."""
     env = make_sb3_env("target_token", 8)
-    factory = functools.partial(tiny_gpt2, 10, n_layer=1, n_embd=32, seed=0)
+    factory = functools.partial(tiny_gpt2, V, n_layer=1, n_embd=32, seed=0)
     ppo = PPO(
         LMActorCriticPolicy,
         env,
@@ -468,11 +472,11 @@ def _wordlevel_task(vocab_size: int, target: int, length: int) -> Task:
 def test_gpt2_sized_vocabulary_without_one_hot() -> None:
     """V = 50257: PPO builds and runs a few hundred steps; no layer other than the LM's own
     embedding / head is vocabulary-wide, and the observation reaches the LM as ids."""
-    V = 50257
-    task = _wordlevel_task(V, target=50000, length=4)
-    assert task.vocab_size == V
+    BIG = 50257
+    task = _wordlevel_task(BIG, target=50000, length=4)
+    assert task.vocab_size == BIG
     env = make_sb3_env(task, 4)
-    lm = tiny_gpt2(V, n_layer=1, n_embd=16, n_head=2, seed=0)
+    lm = tiny_gpt2(BIG, n_layer=1, n_embd=16, n_head=2, seed=0)
     n_lm = _n_params(lm)
     model = PPO(
         LMActorCriticPolicy,
@@ -485,7 +489,7 @@ def test_gpt2_sized_vocabulary_without_one_hot() -> None:
     )
     policy = model.policy
     assert _n_params(policy) == n_lm + 16 + 1
-    wide = [name for name, p in policy.named_parameters() if V in p.shape]
+    wide = [name for name, p in policy.named_parameters() if BIG in p.shape]
     assert all(name.startswith("model.") for name in wide)
     W = env.observation_space["input_ids"].shape[0]  # type: ignore[index]
     assert model.rollout_buffer.observations["input_ids"].shape == (64, 4, W)  # type: ignore[attr-defined]
@@ -518,7 +522,7 @@ def test_ppo_mlp_policy_learns_target_token() -> None:
 @pytest.mark.slow
 def test_ppo_lm_policy_learns_target_token() -> None:
     env = make_sb3_env("target_token", 8)
-    factory = functools.partial(tiny_gpt2, 10, n_layer=2, n_embd=64, seed=0)
+    factory = functools.partial(tiny_gpt2, V, n_layer=2, n_embd=64, seed=0)
     model = PPO(
         LMActorCriticPolicy,
         env,
