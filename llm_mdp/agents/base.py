@@ -626,8 +626,12 @@ def _match_action_sets(env: LLMTokenVectorEnv, policy: Policy) -> None:
     size: ids would mean other characters) or one that can emit a token the env rejects.
     """
     tok = getattr(policy, "tokenizer", None)
-    same = tok is None or tok is env.tokenizer or not hasattr(tok, "get_vocab")
-    if not same and tok.get_vocab() != env.tokenizer.get_vocab():
+    if (
+        tok is not None
+        and tok is not env.tokenizer
+        and hasattr(tok, "get_vocab")
+        and tok.get_vocab() != env.tokenizer.get_vocab()
+    ):
         raise ValueError(
             f"the policy's tokenizer ({type(tok).__name__}, {len(tok)} tokens) is not the "
             f"env's (task {env.task.name!r}): token ids would mean other text; build the "
