@@ -229,6 +229,11 @@ class Agent:
         """An additional loss term on a micro-batch (PPO's value loss); default none."""
         return torch.zeros((), device=self.device), {}
 
+    def episodes_run(self) -> int:
+        """Episodes this agent's envs have ended so far (compute accounting); an agent
+        that runs episodes in envs of its own adds them."""
+        return self.env.episodes_finished
+
     @property
     def kl_in_advantages(self) -> bool:
         """Whether the loop adds the KL-in-reward return-to-go to :meth:`advantages`.
@@ -277,7 +282,7 @@ class Agent:
         """Collect one batch, compute advantages and update the policy; returns metrics."""
         cfg = self.config
         t0 = time.perf_counter()
-        episodes_before = self.env.episodes_finished
+        episodes_before = self.episodes_run()
         batch = self.collect()
         t1 = time.perf_counter()
         mask = batch.response_mask
@@ -299,7 +304,7 @@ class Agent:
         metrics |= self.optimize(batch)
         t2 = time.perf_counter()
 
-        local = [len(batch), float(mask.sum()), self.env.episodes_finished - episodes_before]
+        local = [len(batch), float(mask.sum()), self.episodes_run() - episodes_before]
         totals = self.dist.all_reduce(torch.tensor(local, dtype=torch.float64, device=self.device))
         n_seq, n_tok, n_ep = (int(x) for x in totals.tolist())
         self.update += 1

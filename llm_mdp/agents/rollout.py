@@ -9,6 +9,7 @@ resuming a run need no generator state.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -128,6 +129,7 @@ def rollout(
     *,
     greedy: bool = False,
     streams: torch.Tensor | None = None,
+    fork: int = 1,
 ) -> Rollout:
     """Reset ``env`` with ``options`` and step it with ``policy`` until every row has ended.
 
@@ -136,6 +138,13 @@ def rollout(
     covered by ``options`` (``prompt_indices`` x ``group_size``). With ``streams``
     (``(B,)`` ids from :func:`stream_ids`) the draws are counter-based; without, the
     policy's own generator draws.
+
+    ``fork = K > 1`` declares that the start states come in runs of ``K`` equal rows
+    (e.g. ``group_size=K`` and equal response prefixes). A policy with a
+    ``prefill(obs, repeats)`` method (:class:`~llm_mdp.policies.CausalLMPolicy`) then
+    encodes each distinct start state once and forks its KV cache ``K`` ways; the
+    episodes are the same as without ``fork`` (same draws, same log-probs up to float
+    round-off of the batched forward), only cheaper.
     """
     obs, _ = env.reset(options=options)
     B, P = env.num_envs, env.P
@@ -144,7 +153,7 @@ def rollout(
     rewards = torch.zeros(B, dtype=torch.float64, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     token_rewards = None
-    state = None
+    state = _forked_state(policy, obs, fork) if fork > 1 else None
     rows = torch.arange(B, device=device)
     col = obs["attention_mask"][:, P:].sum(-1)
     while True:
@@ -174,6 +183,122 @@ def rollout(
         group_size=int(options.get("group_size") or 1),
         token_rewards=None if token_rewards is None else token_rewards[:, :L].float(),
     )
+
+
+def _forked_state(policy: Policy, obs: Any, fork: int) -> Any:
+    """The policy's state for ``obs`` whose rows come in runs of ``fork`` equal rows, built
+    from one prefill of the distinct rows (``None`` when the policy cannot fork)."""
+    prefill = getattr(policy, "prefill", None)
+    if prefill is None:
+        return None
+    ids, mask = obs["input_ids"], obs["attention_mask"]
+    B, W = ids.shape
+    if B % fork:
+        raise ValueError(f"fork={fork} does not divide the env's {B} rows")
+    runs = ids.masked_fill(mask == 0, 0).view(B // fork, fork, W), mask.view(B // fork, fork, W)
+    if not all(bool((x == x[:, :1]).all()) for x in runs):
+        raise ValueError(f"fork={fork}: the start states do not come in runs of {fork} equal rows")
+    return prefill({"input_ids": ids[::fork], "attention_mask": mask[::fork]}, repeats=fork)
+
+
+class EnvPool:
+    """Envs like ``env`` (same task, prompt width, length cap, device) in any batch size,
+    built once per size and kept, so a batch of start states runs without padded copies.
+
+    Attributes:
+        env: the template (returned itself for its own size).
+    """
+
+    def __init__(self, env: LLMTokenVectorEnv, max_sizes: int = 4) -> None:
+        self.env = env
+        self.max_sizes = max_sizes
+        self._envs: dict[int, LLMTokenVectorEnv] = {}
+        self._retired_episodes = 0
+
+    def get(self, num_envs: int) -> LLMTokenVectorEnv:
+        """An env with ``num_envs`` rows (built on first use; the oldest size is dropped
+        once more than ``max_sizes`` are kept)."""
+        if num_envs == self.env.num_envs:
+            return self.env
+        if num_envs not in self._envs:
+            if len(self._envs) >= self.max_sizes:
+                oldest = next(iter(self._envs))
+                self._retired_episodes += self._envs.pop(oldest).episodes_finished
+            e = self.env
+            self._envs[num_envs] = type(e)(
+                e.task,
+                num_envs,
+                max_response_tokens=e.R,
+                max_prompt_tokens=e.P,
+                length_cap=e.length_cap,
+                device=e.device,
+                info_text=False,
+            )
+        return self._envs[num_envs]
+
+    @property
+    def episodes_finished(self) -> int:
+        """Episodes the pool's own envs (not the template) have ended."""
+        return self._retired_episodes + sum(e.episodes_finished for e in self._envs.values())
+
+
+def rollout_prefixes(
+    envs: EnvPool,
+    policy: Policy,
+    prompt_indices: Sequence[int],
+    prefixes: Sequence[Sequence[int]],
+    *,
+    copies: int = 1,
+    streams: torch.Tensor | None = None,
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """Rewards ``(n, copies)``: ``copies`` episodes from each ``(prompt, response prefix)``.
+
+    The work is laid out for speed only; the episodes do not depend on it:
+
+    * each start state is encoded once and its KV cache forked ``copies`` ways
+      (``rollout(..., fork=copies)``);
+    * start states are sorted by prefix length, longest first, and cut into env batches
+      of at most ``batch_size`` rows (default: all in one batch), so rows that can still
+      run long share a batch and short ones finish together;
+    * the last batch is as small as it needs to be (no padded copies).
+
+    Args:
+        envs: where to get envs of each batch size.
+        policy: the rollout policy.
+        prompt_indices: ``n`` prompt indices into the task's pool.
+        prefixes: ``n`` response prefixes (token ids, no EOS).
+        copies: episodes per start state ``K``.
+        streams: ``(n * copies,)`` stream ids, episode ``(j, k)`` at ``j * copies + k``;
+            with them every episode's draws are its own whatever the batching.
+        batch_size: most env rows per batch (rounded down to a multiple of ``copies``).
+
+    Returns:
+        ``(n, copies)`` float32 rewards.
+    """
+    n, K = len(prompt_indices), copies
+    if len(prefixes) != n:
+        raise ValueError(f"{n} prompt indices but {len(prefixes)} prefixes")
+    if streams is not None and streams.shape != (n * K,):
+        raise ValueError(f"streams has shape {tuple(streams.shape)}, expected ({n * K},)")
+    device = envs.env.device
+    out = torch.zeros((n, K), dtype=torch.float32, device=device)
+    per_batch = n if batch_size is None else max(1, batch_size // K)
+    order = sorted(range(n), key=lambda j: -len(prefixes[j]))
+    for lo in range(0, n, per_batch):
+        jobs = order[lo : lo + per_batch]
+        options = {
+            "prompt_indices": [prompt_indices[j] for j in jobs],
+            "group_size": K,
+            "response_prefix": [list(prefixes[j]) for j in jobs for _ in range(K)],
+        }
+        s = None
+        if streams is not None:
+            idx = torch.tensor(jobs, device=streams.device)
+            s = streams.view(n, K)[idx].reshape(-1)
+        ro = rollout(envs.get(len(jobs) * K), policy, options, streams=s, fork=K)
+        out[torch.tensor(jobs, device=device)] = ro.rewards.view(len(jobs), K)
+    return out
 
 
 def rollout_many(

@@ -31,7 +31,7 @@ import torch
 
 from llm_mdp import estimators as est
 from llm_mdp.agents.base import STREAM_VALUE, Agent, AgentConfig
-from llm_mdp.agents.rollout import Rollout, rollout_many
+from llm_mdp.agents.rollout import EnvPool, Rollout, rollout_prefixes
 
 
 @dataclass
@@ -44,6 +44,9 @@ class TRePOConfig(AgentConfig):
         interpolation: ``"linear"`` or ``"constant"`` between known values.
         value_estimates: ``"shared"`` (adjacent anchors reuse a value) or ``"fresh"``
             (the two terms of each ``A_t`` come from independent rollouts).
+        value_batch_size: most env rows per batch of value rollouts (default
+            ``num_envs * rollouts_per_prefix``). Changes speed and memory, not the
+            estimates: every value rollout draws from its own random stream.
     """
 
     group_size: int = 4
@@ -53,6 +56,7 @@ class TRePOConfig(AgentConfig):
     rollouts_per_prefix: int = 4
     interpolation: Literal["linear", "constant"] = "linear"
     value_estimates: Literal["shared", "fresh"] = "shared"
+    value_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,12 +68,20 @@ class TRePOConfig(AgentConfig):
             raise ValueError(f"num_anchors={self.num_anchors}, expected >= 1 or None (all)")
         if self.rollouts_per_prefix < 1:
             raise ValueError(f"rollouts_per_prefix={self.rollouts_per_prefix}, expected >= 1")
+        if self.value_batch_size is not None and self.value_batch_size < 1:
+            raise ValueError(f"value_batch_size={self.value_batch_size}, expected >= 1 or None")
 
 
 class TRePO(Agent):
     name = "trepo"
     config_class = TRePOConfig
     config: TRePOConfig
+
+    def setup(self) -> None:
+        self.value_envs = EnvPool(self.env)  # value rollouts run in envs of their own size
+
+    def episodes_run(self) -> int:
+        return super().episodes_run() + self.value_envs.episodes_finished
 
     def collect(self) -> Rollout:
         batch = super().collect()
@@ -99,23 +111,26 @@ class TRePO(Agent):
         jobs = sorted(before | (set() if fresh else after)) + (sorted(after) if fresh else [])
         n_before = len(jobs) - (len(after) if fresh else 0)
         K = cfg.rollouts_per_prefix
-        starts = [(j, i, c, k) for j, (i, c) in enumerate(jobs) for k in range(K)]
         # one random stream per (global row, column, k, before/after): independent of how
-        # the value rollouts are chunked into env batches
+        # the value rollouts are batched, so the estimates do not depend on it
         keys = [
-            (rows[i] << 32) | (c << 16) | (k << 1) | int(j >= n_before) for j, i, c, k in starts
+            (rows[i] << 32) | (c << 16) | (k << 1) | int(j >= n_before)
+            for j, (i, c) in enumerate(jobs)
+            for k in range(K)
         ]
         streams = self.streams(
             STREAM_VALUE, torch.tensor(keys, dtype=torch.long, device=self.env.device)
         )
-        rewards = rollout_many(
-            self.env,
+        rewards = rollout_prefixes(
+            self.value_envs,
             self.policy,
-            [prompts[i] for _, i, _, _ in starts],
-            [responses[i][:c] for _, i, c, _ in starts],
+            [prompts[i] for i, _ in jobs],
+            [responses[i][:c] for i, c in jobs],
+            copies=K,
             streams=streams,
+            batch_size=cfg.value_batch_size or self.env.num_envs * K,
         )
-        means = rewards.view(-1, K).mean(1).tolist() if starts else []
+        means = rewards.mean(1).tolist()
 
         dev = batch.rewards.device
         values = torch.zeros((B, L + 1), device=dev)
@@ -137,7 +152,7 @@ class TRePO(Agent):
         values[:, 0] = ((r.sum(1, keepdim=True) - r) / (G - 1)).reshape(-1)
         known[:, 0] = True
         batch.extras.update(prefix_values=values, prefix_known=known, next_values=next_values)
-        batch.extras["value_rollouts"] = len(starts)
+        batch.extras["value_rollouts"] = len(jobs) * K
         return batch
 
     def advantages(self, batch: Rollout) -> torch.Tensor:

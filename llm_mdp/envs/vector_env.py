@@ -303,11 +303,16 @@ class LLMTokenVectorEnv(VectorEnv):
                         f"[0, {self.vocab_size})"
                     )
             lists.append(p)
-        for i, p in zip(rows.tolist(), lists, strict=True):
-            if p:
-                self.ids[i, self.P : self.P + len(p)] = torch.tensor(p, device=self.device)
-                self.mask[i, self.P : self.P + len(p)] = 1
-                self.response_len[i] = len(p)
+        # one batched write (a per-row copy costs more than the rollout on small models)
+        lengths = [len(p) for p in lists]
+        width = max(lengths, default=0)
+        if width:
+            block = torch.tensor([p + [self.pad_token_id] * (width - len(p)) for p in lists])
+            filled = torch.arange(width) < torch.tensor(lengths).unsqueeze(1)
+            cols = slice(self.P, self.P + width)
+            self.ids[rows, cols] = torch.where(filled, block, self.pad_token_id).to(self.device)
+            self.mask[rows, cols] = filled.long().to(self.device)
+            self.response_len[rows] = torch.tensor(lengths, device=self.device)
 
     # ------------------------------------------------------------------ step
     def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict[str, Any]]:

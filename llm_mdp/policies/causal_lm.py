@@ -335,6 +335,49 @@ class CausalLMPolicy(nn.Module):
         new_state.actions = actions
         return actions, logp, new_state
 
+    @torch.no_grad()
+    def prefill(self, obs: Observation, repeats: int = 1) -> KVState:
+        """Encode ``obs`` once and return the state of ``obs`` with each row repeated.
+
+        The returned state is what ``act`` would hold after consuming
+        ``obs.repeat_interleave(repeats)``: pass it to ``act`` with that observation and
+        the first draw comes from the stored logits, without a forward. Each distinct
+        start state is encoded once and its KV cache is forked ``repeats`` ways (TRePO's
+        ``K`` value rollouts from one prefix).
+
+        Args:
+            obs: ``(n, W)`` observation in the env layout.
+            repeats: copies of each row (consecutive).
+
+        Returns:
+            A :class:`KVState` for ``n * repeats`` rows.
+        """
+        if repeats < 1:
+            raise ValueError(f"repeats={repeats}, expected >= 1")
+        ids, mask = as_obs_tensors(obs, self.device)
+        if repeats == 1:
+            return self._prefill(ids, mask)
+        st = self._prefill(ids, mask)
+        fork = getattr(st.cache, "batch_repeat_interleave", None)
+        if fork is None:  # a cache type that cannot fork: encode every copy instead
+            rep = ids.repeat_interleave(repeats, 0), mask.repeat_interleave(repeats, 0)
+            return self._prefill(*rep)
+        fork(repeats)  # in place
+
+        def rep_t(x: torch.Tensor) -> torch.Tensor:
+            return x.repeat_interleave(repeats, 0)
+
+        return KVState(
+            cache=st.cache,
+            attention_mask=rep_t(st.attention_mask),
+            lengths=rep_t(st.lengths),
+            end=rep_t(st.end),
+            obs_ids=rep_t(st.obs_ids),
+            obs_mask=rep_t(st.obs_mask),
+            actions=rep_t(st.actions),
+            logits=rep_t(st.logits),
+        )
+
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> KVState:
         batch, width = ids.shape
         c_ids, c_mask, pos = left_compact(ids, mask)
