@@ -34,6 +34,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 from typing import Any
 
 import torch
@@ -151,7 +152,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         eos_token_id=env.eos_token_id,
         device=device,
     )
-    policy = CausalLMPolicy(model, task.tokenizer, seed=0)
+    policy = CausalLMPolicy(model, task.tokenizer, seed=0, chunked_head=spec.get("chunked_head"))
     cls = get_agent(spec["agent"])
     config = cls.config_class.from_dict(dict(spec.get("config") or {}))
     _warm_up(policy, env)
@@ -169,8 +170,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     agent = cls(env, policy, config)
     built_kb = peak_kb()
     metrics = {}
+    seconds = []
     for _ in range(int(spec.get("steps", 1))):
+        t0 = time.perf_counter()
         metrics = agent.train_step()
+        seconds.append(time.perf_counter() - t0)
     if cuda:
         torch.cuda.synchronize()
     out = {
@@ -189,6 +193,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "epochs": agent.config.epochs,
         "episodes": agent.episodes,
         "response_length": metrics.get("response/length"),
+        "chunked_head": spec.get("chunked_head"),
+        "update_seconds": seconds,
     }
     if cuda:
         out["cuda_peak_mb"] = (torch.cuda.max_memory_allocated(device) - cuda_base) / 2**20

@@ -16,7 +16,7 @@ teacher-forced forward over the env's own layout, again with positions from the 
 
 from __future__ import annotations
 
-import inspect
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Literal, overload
 
@@ -25,7 +25,9 @@ from torch import nn
 
 from llm_mdp.utils import resolve_device
 
+from . import hf
 from .base import Observation, as_obs_tensors, check_layout, left_compact, token_log_probs
+from .lm_head import chunked_token_log_probs
 from .sampling import make_generator, sample_from_logits
 
 __all__ = ["CausalLMPolicy", "KVState"]
@@ -62,14 +64,6 @@ class KVState:
     spent: bool = False
 
 
-def _forward_params(model: Any) -> set[str]:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
-    try:
-        return set(inspect.signature(base.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
 class CausalLMPolicy(nn.Module):
     """A token-level policy over any ``transformers`` causal LM.
 
@@ -85,6 +79,15 @@ class CausalLMPolicy(nn.Module):
             checks that its action space and the policy agree and errors otherwise.
         device: move the model there (``"auto"``: CUDA when available). Default: leave it.
         seed: seed of the sampler's generator (default: drawn from the global RNG).
+        chunked_head: how ``log_probs`` applies the LM head. ``True``: in chunks of
+            ``CHUNK_ELEMENTS`` logits with a log-softmax per chunk, recomputed in
+            backward (:mod:`llm_mdp.policies.lm_head`), so no dense ``(B, R, V)`` tensor
+            is kept; ``False``: the model's own dense logits. ``None`` (default): chunked
+            when the dense logits of a call would exceed ``CHUNKED_HEAD_MIN_ELEMENTS``
+            (32 MiB in float32: e.g. 167 response tokens at a 50k vocabulary) and the
+            model has a plain linear head whose output is its logits (checked once,
+            numerically, on the first such call). Both give the same numbers up to
+            float round-off.
 
     The action set: with a tokenizer, special tokens other than EOS are not actions
     (:func:`llm_mdp.tasks.illegal_action_ids`, the env's rule): their logits are set to
@@ -99,6 +102,9 @@ class CausalLMPolicy(nn.Module):
 
     model: Any  # a transformers PreTrainedModel (or a wrapper such as a PEFT model)
 
+    CHUNKED_HEAD_MIN_ELEMENTS = 1 << 23
+    """With ``chunked_head=None``, ``log_probs`` chunks the head above this many logits."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -108,6 +114,7 @@ class CausalLMPolicy(nn.Module):
         vocab_size: int | None = None,
         device: str | torch.device | None = None,
         seed: int | None = None,
+        chunked_head: bool | None = None,
     ) -> None:
         super().__init__()
         if temperature <= 0:
@@ -121,11 +128,11 @@ class CausalLMPolicy(nn.Module):
         self._vocab_size = int(vocab_size) if vocab_size is not None else head
         if device is not None:
             self.to(resolve_device(device))
-        params = _forward_params(model)
+        params = hf.forward_params(model)
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._keep_kw = next(
-            (k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None
-        )
+        self._keep_kw = hf.logits_to_keep_kw(model)
+        self.chunked_head = chunked_head
+        self._head_ok: bool | None = None  # whether trunk + head reproduce the logits
         self._seed = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         self._generator: torch.Generator | None = None
         self._illegal: torch.Tensor | None = None
@@ -164,15 +171,7 @@ class CausalLMPolicy(nn.Module):
     @property
     def lm_head_size(self) -> int:
         """Rows of the LM head (logits per position the model produces)."""
-        head = (
-            self.model.get_output_embeddings()
-            if hasattr(self.model, "get_output_embeddings")
-            else None
-        )
-        weight = getattr(head, "weight", None)
-        if isinstance(weight, torch.Tensor):
-            return int(weight.shape[0])
-        return int(self.model.config.vocab_size)
+        return hf.lm_head_size(self.model)
 
     @property
     def vocab_size(self) -> int:
@@ -501,17 +500,74 @@ class CausalLMPolicy(nn.Module):
             empty = ids.new_zeros((ids.shape[0], 0), dtype=torch.float32)
             return (empty, empty.clone()) if with_entropy else empty
         pos = (mask.cumsum(1) - 1).clamp_(min=0)
+        inputs = (ids[:, :-1].masked_fill(mask[:, :-1] == 0, 0), mask[:, :-1], pos[:, :-1])
+        targets = ids[:, prompt_width:]
+        if self._use_chunked_head(ids.shape[0] * resp_w, inputs):
+            hidden = self._hidden(*inputs)[:, -resp_w:]
+            head = hf.lm_head(self.model)
+            assert isinstance(head, nn.Linear)
+            bias = None if head.bias is None else head.bias[: self._vocab_size]
+            logp, ent = chunked_token_log_probs(
+                hidden,
+                head.weight[: self._vocab_size],
+                bias,
+                targets,
+                resp_mask,
+                temperature=self.temperature,
+                with_entropy=with_entropy,
+            )
+            return (logp, ent) if ent is not None else logp
         # the last column is only a target: leave it out of the forward, and keep exactly
         # the R positions that predict the response (no (B, R+1, V) logits to slice)
-        logits, _ = self._forward(
-            ids[:, :-1].masked_fill(mask[:, :-1] == 0, 0),
-            mask[:, :-1],
-            pos[:, :-1],
-            keep=resp_w,
-            use_cache=False,
-        )
+        logits, _ = self._forward(*inputs, keep=resp_w, use_cache=False)
         if logits.dtype in (torch.float16, torch.bfloat16):  # half precision: softmax in fp32
             logits = logits.float()
         if self.temperature != 1.0:  # skip a (B, R, V) copy forward and backward at T = 1
             logits = logits / self.temperature  # (B, R, V); float64 models stay float64
-        return token_log_probs(logits, ids[:, prompt_width:], resp_mask, with_entropy)
+        return token_log_probs(logits, targets, resp_mask, with_entropy)
+
+    def _hidden(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """``(B, W, H)`` last hidden states of the trunk (the LM head's input)."""
+        body = hf.trunk(self.model)
+        assert body is not None
+        out = body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+        return out[0]
+
+    def _use_chunked_head(
+        self, n_positions: int, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    ) -> bool:
+        """Whether ``log_probs`` takes the chunked head (see ``chunked_head``)."""
+        if self.chunked_head is False:
+            return False
+        if self.chunked_head is None and (
+            n_positions * self._vocab_size < self.CHUNKED_HEAD_MIN_ELEMENTS
+        ):
+            return False
+        if self._head_ok is None:
+            self._head_ok = self._check_head(inputs)
+            if not self._head_ok:
+                msg = (
+                    f"{type(self.model).__name__}: the LM head applied to the trunk's last "
+                    "hidden state does not reproduce the model's logits (a scaled or "
+                    "soft-capped head?); log_probs uses the dense logits"
+                )
+                if self.chunked_head:
+                    raise ValueError(f"chunked_head=True is not possible: {msg}")
+                warnings.warn(msg, stacklevel=3)
+        return self._head_ok
+
+    @torch.no_grad()
+    def _check_head(self, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> bool:
+        """One row through both paths: trunk + linear head must give the model's logits."""
+        head = hf.lm_head(self.model)
+        if not isinstance(head, nn.Linear) or hf.trunk(self.model) is None:
+            return False
+        one = tuple(x[:1] for x in inputs)
+        try:
+            dense, _ = self._forward(*one, keep=1, use_cache=False)
+            mine = head(self._hidden(*one)[:, -1:])[..., : self._vocab_size]
+        except Exception:  # a trunk that does not take these arguments
+            return False
+        dense, mine = dense.double(), mine.double()
+        scale = dense.abs().max().clamp(min=1.0)
+        return bool(((dense - mine).abs().max() / scale) < 1e-3)

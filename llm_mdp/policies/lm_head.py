@@ -1,0 +1,176 @@
+"""Chunked LM head + log-softmax: token log-probs without a dense ``(N, V)`` logits tensor.
+
+At a 50k vocabulary the logits of a training batch dominate peak memory: one float32
+copy of ``(B, R, V)`` is 196 MiB at ``B = 64, R = 16``, and the dense path keeps several
+(logits, log-softmax, their gradients). :class:`ChunkedTokenLogProbs` computes, for each
+real response token, ``log softmax(h W^T + b)[target]`` (and optionally the entropy)
+``rows`` tokens at a time, keeps only ``(N,)`` vectors and the inputs for backward, and
+recomputes each chunk's logits in backward. Peak extra memory is one chunk of logits
+and its gradient; gradients equal the dense path's up to float round-off.
+
+All functions here are pure; :class:`~llm_mdp.policies.CausalLMPolicy` uses them when the
+dense logits would be large (see ``CausalLMPolicy(chunked_head=...)``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["CHUNK_ELEMENTS", "ChunkedTokenLogProbs", "chunked_token_log_probs"]
+
+CHUNK_ELEMENTS = 1 << 22
+"""Logits per chunk (rows x vocabulary): 16 MiB in float32."""
+
+
+def _chunk_logits(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
+    illegal: torch.Tensor | None,
+) -> torch.Tensor:
+    """``(n, V)`` tempered logits of one chunk, float32 (float64 for float64 models)."""
+    z = h @ weight.t()
+    if bias is not None:
+        z = z + bias
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()
+    if temperature != 1.0:
+        z = z / temperature
+    if illegal is not None:
+        z = z.masked_fill(illegal, float("-inf"))
+    return z
+
+
+class ChunkedTokenLogProbs(torch.autograd.Function):
+    """``(log p[target], entropy)`` per row of ``hidden`` under ``softmax((h W^T + b) / T)``.
+
+    Forward and backward run over chunks of ``rows`` rows; backward recomputes the
+    chunk's logits, so nothing of size ``(N, V)`` is kept between them. Gradients flow to
+    ``hidden``, ``weight`` and ``bias``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        temperature: float,
+        illegal: torch.Tensor | None,
+        rows: int,
+        with_entropy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = hidden.shape[0]
+        out_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        logp = hidden.new_empty(n, dtype=out_dtype)
+        lse = hidden.new_empty(n, dtype=out_dtype)
+        entropy = hidden.new_zeros(n, dtype=out_dtype)
+        for lo in range(0, n, rows):
+            z = _chunk_logits(hidden[lo : lo + rows], weight, bias, temperature, illegal)
+            c_lse = torch.logsumexp(z, dim=-1)
+            lse[lo : lo + rows] = c_lse
+            logp[lo : lo + rows] = z.gather(1, targets[lo : lo + rows, None]).squeeze(1) - c_lse
+            if with_entropy:
+                p = torch.exp(z - c_lse[:, None])
+                # H = lse - sum_j p_j z_j; a -inf logit has p = 0 and adds 0
+                pz = torch.where(p > 0, p * z, 0.0).sum(-1)
+                entropy[lo : lo + rows] = c_lse - pz
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy, illegal)
+        ctx.temperature, ctx.rows, ctx.with_entropy = temperature, rows, with_entropy
+        return logp, entropy
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, g_logp: torch.Tensor, g_entropy: torch.Tensor
+    ) -> tuple[Any, ...]:
+        hidden, weight, bias, targets, lse, entropy, illegal = ctx.saved_tensors
+        T, rows = ctx.temperature, ctx.rows
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=acc) if need_b else None
+        for lo in range(0, hidden.shape[0], rows):
+            h = hidden[lo : lo + rows]
+            z = _chunk_logits(h, weight, bias, T, illegal)
+            logp_all = z - lse[lo : lo + rows, None]
+            p = torch.exp(logp_all)
+            # d log p[t] / d z = onehot(t) - p
+            dz = -p * g_logp[lo : lo + rows, None]
+            dz.scatter_add_(1, targets[lo : lo + rows, None], g_logp[lo : lo + rows, None])
+            if ctx.with_entropy:
+                # d H / d z_j = -p_j (log p_j + H)
+                ent = entropy[lo : lo + rows, None]
+                dz -= (
+                    torch.where(p > 0, p * (logp_all + ent), 0.0) * g_entropy[lo : lo + rows, None]
+                )
+            if T != 1.0:
+                dz = dz / T
+            dz = dz.to(weight.dtype)
+            if grad_h is not None:
+                grad_h[lo : lo + rows] = dz @ weight
+            if grad_w is not None:
+                grad_w += (dz.t() @ h).to(acc)
+            if grad_b is not None:
+                grad_b += dz.sum(0).to(acc)
+        return (
+            grad_h,
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def chunked_token_log_probs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    resp_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    illegal: torch.Tensor | None = None,
+    with_entropy: bool = False,
+    chunk_elements: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Masked token log-probs (and entropy) from the LM's last hidden states.
+
+    Only the ``N`` real response tokens go through the head (padding costs nothing).
+
+    Args:
+        hidden: ``(B, R, H)`` last hidden states at the positions that predict the
+            response (after the trunk's final norm).
+        weight: ``(V, H)`` LM-head weight (rows beyond the action space already cut).
+        bias: ``(V,)`` LM-head bias or ``None``.
+        targets: ``(B, R)`` token ids (any value where ``resp_mask`` is 0).
+        resp_mask: ``(B, R)``, 1 on real response tokens.
+        temperature: > 0; log-probs are of ``softmax(logits / temperature)``.
+        illegal: ``(V,)`` bool, tokens whose logit is ``-inf`` (never an action).
+        with_entropy: also return the entropy of each position's distribution.
+        chunk_elements: logits per chunk (rows x ``V``; default :data:`CHUNK_ELEMENTS`).
+
+    Returns:
+        ``(B, R)`` log-probs, 0 on padding, and the ``(B, R)`` entropy (0 on padding) or
+        ``None``. Float32 (float64 for float64 models).
+    """
+    B, R = resp_mask.shape
+    keep = resp_mask.bool()
+    flat = keep.reshape(-1).nonzero().squeeze(1)  # (N,) one host sync, like the mask sum
+    h = hidden.reshape(B * R, -1).index_select(0, flat)
+    tgt = targets.reshape(-1).index_select(0, flat)
+    rows = max(1, (chunk_elements or CHUNK_ELEMENTS) // weight.shape[0])
+    logp_n, ent_n = ChunkedTokenLogProbs.apply(
+        h, weight, bias, tgt, float(temperature), illegal, rows, with_entropy
+    )
+    logp = logp_n.new_zeros(B * R).index_copy(0, flat, logp_n).view(B, R)
+    if not with_entropy:
+        return logp, None
+    return logp, ent_n.new_zeros(B * R).index_copy(0, flat, ent_n).view(B, R)
