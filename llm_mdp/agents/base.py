@@ -40,7 +40,8 @@ from gymnasium.vector import AutoresetMode
 from llm_mdp import distributed
 from llm_mdp import estimators as est
 from llm_mdp.agents.logger import MetricsLogger
-from llm_mdp.agents.rollout import Rollout, rollout, stream_ids
+from llm_mdp.agents.rollout import Rollout, rollout
+from llm_mdp.agents.streams import stream_ids
 from llm_mdp.envs import LLMTokenVectorEnv
 from llm_mdp.policies import Policy
 

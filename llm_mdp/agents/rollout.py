@@ -1,10 +1,11 @@
 """Collecting episodes from the vector env through ``reset`` / ``step`` only.
 
-Randomness is counter-based: the uniform that samples the token at position ``c`` of a
-row is a hash of ``(stream id of the row, c)``. A row's episode therefore depends only on
-its stream id -- not on the batch it runs in, the order of rows, or how many processes
-share the work -- which makes data-parallel runs equal single-process runs and makes
-resuming a run need no generator state.
+Randomness is counter-based (:mod:`llm_mdp.agents.streams`): the uniform that samples the
+token at position ``c`` of a row is a hash of ``(stream id of the row, c)``. A row's
+episode therefore depends only on its stream id -- not on the batch it runs in, the order
+of rows, or how many processes share the work -- which makes data-parallel runs equal
+single-process runs, lets value rollouts be batched any way, and makes resuming a run
+need no generator state.
 """
 
 from __future__ import annotations
@@ -15,8 +16,19 @@ from typing import Any
 
 import torch
 
+from llm_mdp.agents.streams import counter_uniforms, stream_ids
 from llm_mdp.envs import LLMTokenVectorEnv
 from llm_mdp.policies import Policy
+
+__all__ = [
+    "EnvPool",
+    "Rollout",
+    "counter_uniforms",
+    "rollout",
+    "rollout_many",
+    "rollout_prefixes",
+    "stream_ids",
+]
 
 
 @dataclass
@@ -80,45 +92,6 @@ class Rollout:
             token_rewards=None if self.token_rewards is None else self.token_rewards[rows],
             extras={k: pick(v) for k, v in self.extras.items()},
         )
-
-
-_MASK64 = (1 << 64) - 1
-
-
-def _signed(x: int) -> int:
-    x &= _MASK64
-    return x - (1 << 64) if x >= 1 << 63 else x
-
-
-_C1, _C2, _GOLDEN = (
-    _signed(0xBF58476D1CE4E5B9),
-    _signed(0x94D049BB133111EB),
-    _signed(0x9E3779B97F4A7C15),
-)
-
-
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """SplitMix64's finalizer on int64 tensors (wrapping multiply, logical shifts)."""
-    x = x ^ ((x >> 30) & ((1 << 34) - 1))
-    x = x * _C1
-    x = x ^ ((x >> 27) & ((1 << 37) - 1))
-    x = x * _C2
-    return x ^ ((x >> 31) & ((1 << 33) - 1))
-
-
-def stream_ids(*key: int, rows: torch.Tensor) -> torch.Tensor:
-    """Stream ids ``(len(rows),)`` int64 for ``rows`` under a tuple of integer ``key`` parts
-    (e.g. ``(seed, update, kind)``): distinct keys give independent streams."""
-    h = torch.zeros((), dtype=torch.long, device=rows.device)
-    for part in key:
-        h = _mix(h ^ _signed(int(part) * 0x9E3779B97F4A7C15 + 1))
-    return _mix(h ^ rows.long())
-
-
-def counter_uniforms(streams: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` float64 uniforms in ``[0, 1)``, a pure function of ``(stream, position)``."""
-    x = _mix(streams ^ _mix(positions.long() * _GOLDEN + 1))
-    return ((x >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
 
 
 @torch.no_grad()

@@ -67,7 +67,7 @@ def sample_categorical(
             two-level on CPU when ``V >= 4096``.
         uniforms: ``(B,)`` draws in ``[0, 1)`` to use instead of ``generator`` (one per
             row): a caller with counter-based randomness gets results that do not depend
-            on how rows are batched (``llm_mdp.agents.rollout.counter_uniforms``).
+            on how rows are batched (``llm_mdp.agents.streams.counter_uniforms``).
 
     Returns:
         ``(B,)`` int64 token ids.

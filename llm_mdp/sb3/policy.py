@@ -28,7 +28,6 @@ response so far (no KV cache); that is fine for short responses. The built-in ag
 from __future__ import annotations
 
 import copy
-import inspect
 import os
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +40,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 
+from llm_mdp.policies import hf
 from llm_mdp.policies.base import left_compact
 from llm_mdp.policies.sampling import sample_categorical
 
@@ -134,34 +134,6 @@ def _resolve_model(model: ModelSpec | None) -> nn.Module:
     )
 
 
-def _lm_head_size(model: Any) -> int:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    if isinstance(weight, torch.Tensor):
-        return int(weight.shape[0])
-    return int(model.config.vocab_size)
-
-
-def _hidden_size(model: Any) -> int:
-    config = model.config
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    size = getattr(config, "hidden_size", None)
-    if size is None:
-        head = model.get_output_embeddings()
-        size = head.weight.shape[1]
-    return int(size)
-
-
-def _keep_kw(model: Any) -> str | None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
-    try:
-        params = set(inspect.signature(base.forward).parameters)
-    except (TypeError, ValueError):
-        return None
-    return next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
-
-
 class LMActorCriticPolicy(ActorCriticPolicy):
     """An SB3 ``ActorCriticPolicy`` whose actor is a causal LM (see the module docstring).
 
@@ -223,7 +195,7 @@ class LMActorCriticPolicy(ActorCriticPolicy):
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         _check_obs_space(observation_space)
         lm = _resolve_model(model)
-        n_actions, head = int(action_space.n), _lm_head_size(lm)
+        n_actions, head = int(action_space.n), hf.lm_head_size(lm)
         if head < n_actions:
             raise ValueError(
                 f"the LM head has {head} rows but the action space is Discrete({n_actions}); "
@@ -248,8 +220,8 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         self.n_actions = n_actions
         self.model = lm
         self.value_model = None if share_features_extractor else copy.deepcopy(lm)
-        self._keep_kw = _keep_kw(lm)
-        self.value_net = nn.Linear(_hidden_size(lm), 1)
+        self._keep_kw = hf.logits_to_keep_kw(lm)
+        self.value_net = nn.Linear(hf.hidden_size(lm), 1)
         nn.init.zeros_(self.value_net.weight)
         nn.init.zeros_(self.value_net.bias)
         device = next(lm.parameters()).device
