@@ -97,23 +97,26 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         for lo in range(0, hidden.shape[0], rows):
             h = hidden[lo : lo + rows]
             z = _chunk_logits(h, weight, bias, T, illegal)
-            logp_all = z - lse[lo : lo + rows, None]
-            p = torch.exp(logp_all)
-            # d log p[t] / d z = onehot(t) - p
-            dz = -p * g_logp[lo : lo + rows, None]
-            dz.scatter_add_(1, targets[lo : lo + rows, None], g_logp[lo : lo + rows, None])
+            g = g_logp[lo : lo + rows, None]
             if ctx.with_entropy:
-                # d H / d z_j = -p_j (log p_j + H)
+                logp_all = z - lse[lo : lo + rows, None]
+                p = torch.exp(logp_all)
+                # d H / d z_j = -p_j (log p_j + H), 0 where p_j = 0 (a -inf logit)
                 ent = entropy[lo : lo + rows, None]
-                dz -= (
-                    torch.where(p > 0, p * (logp_all + ent), 0.0) * g_entropy[lo : lo + rows, None]
-                )
+                dz = torch.where(p > 0, p * (logp_all + ent), 0.0)
+                dz.mul_(-g_entropy[lo : lo + rows, None]).sub_(p * g)
+            else:  # in place on the chunk's logits: p = exp(z - lse), dz = -g p
+                dz = z.sub_(lse[lo : lo + rows, None]).exp_().mul_(-g)
+            # d log p[t] / d z = onehot(t) - p
+            dz.scatter_add_(1, targets[lo : lo + rows, None], g)
             if T != 1.0:
-                dz = dz / T
+                dz.div_(T)
             dz = dz.to(weight.dtype)
             if grad_h is not None:
                 grad_h[lo : lo + rows] = dz @ weight
-            if grad_w is not None:
+            if grad_w is not None and grad_w.dtype == h.dtype:
+                grad_w.addmm_(dz.t(), h)
+            elif grad_w is not None:
                 grad_w += (dz.t() @ h).to(acc)
             if grad_b is not None:
                 grad_b += dz.sum(0).to(acc)
