@@ -42,6 +42,12 @@ def test_bench_cli_tiny_runs_every_section(
     assert mem["ppo"]["state_mb"] > mem["grpo"]["state_mb"]
     assert all(r["peak_mb"] >= r["baseline_mb"] for r in mem.values())
 
+    tr = res["trepo"]  # value rollouts: more episodes and decoded rows than GRPO's 8
+    assert tr["grpo"]["episodes_per_update"] == 8
+    assert tr["trepo"]["episodes_per_update"] > 8
+    assert tr["trepo"]["decoded_per_update"] > tr["grpo"]["decoded_per_update"] > 0
+    assert tr["ratio_min"] <= tr["ratio"] <= tr["ratio_max"]
+
     curves = res["scaling"]["curves"]
     assert [p["batch"] for p in curves["batch"]] == [4, 8]
     assert [p["length"] for p in curves["length"]] == [2, 4]

@@ -9,6 +9,8 @@ Sections (``--only`` picks some, comma-separated):
   per loss type (needs ``trl``)
 * ``memory``   peak memory of PPO, GRPO, TRePO updates, each in a fresh process
 * ``scaling``  seconds per update vs batch and response length (``scaling.png``)
+* ``trepo``    seconds per TRePO update over GRPO's on ``llm-mdp train``'s defaults, with
+  the positions each encodes and decodes per update
 
 Budgets: default ``full``; ``--quick`` (CPU, under ~5 minutes); ``--tiny`` (seconds, for
 tests: the figures mean nothing). Writes ``results.json``, ``summary.md`` and
@@ -27,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("rollout", "update", "numerics", "memory", "scaling")
+SECTIONS = ("rollout", "update", "numerics", "memory", "scaling", "trepo")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -174,6 +176,12 @@ def _run(sections: Sequence[str], b: Any, dev: Any, threads: int, log: Any) -> d
                 with_trl=trl_ok and b.scaling_trl,
                 log=log,
             )
+        elif section == "trepo":
+            from llm_mdp.bench.trepo_cost import bench_trepo_cost
+
+            res["trepo"] = bench_trepo_cost(
+                num_envs=b.trepo_num_envs, steps=b.trepo_steps, device=dev, log=log
+            )
         res["seconds"][section] = time.perf_counter() - t0
     return res
 
@@ -280,6 +288,40 @@ def summary_rows(res: dict[str, Any]) -> list[list[str]]:
                     goal,
                 )
             )
+    if mem:
+        dense = {r["agent"]: r for r in mem["rows"] if r["variant"] == "dense-head"}
+        for r in mem["rows"]:
+            if r["variant"] == "defaults" and r["agent"] in dense:
+                d = dense[r["agent"]]
+                rows.append(
+                    _row(
+                        f"peak memory {r['agent']}: chunked LM head / dense logits",
+                        f"+{r['delta_mb']:.0f} MB",
+                        f"+{d['delta_mb']:.0f} MB (dense)",
+                        f"{r['delta_mb'] / d['delta_mb']:.2f}x",
+                        "<= 0.5",
+                    )
+                )
+    tr = res.get("trepo")
+    if tr:
+        g, t = tr["grpo"], tr["trepo"]
+        rows.append(
+            _row(
+                f"TRePO/GRPO s/update (llm-mdp train defaults, B {tr['settings']['num_envs']})",
+                f"{t['step_s']:.3f} (TRePO)",
+                f"{g['step_s']:.3f} (GRPO)",
+                f"{tr['ratio']:.2f}x ({tr['ratio_min']:.2f}-{tr['ratio_max']:.2f})",
+                "<= 2.0",
+            )
+        )
+        rows.append(
+            _row(
+                "positions encoded / decoded per update",
+                f"{t['encoded_per_update']:,.0f} / {t['decoded_per_update']:,.0f}",
+                f"{g['encoded_per_update']:,.0f} / {g['decoded_per_update']:,.0f}",
+                f"{t['episodes_per_update']:,.0f} / {g['episodes_per_update']:,.0f} episodes",
+            )
+        )
     sc = res.get("scaling")
     if sc:
         for axis in ("batch", "length"):

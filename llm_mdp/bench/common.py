@@ -41,11 +41,14 @@ class Budget:
         memory_vocab, memory_model, memory_batch, memory_length: the one model and batch
             every agent is measured on (fresh process each).
         memory_steps: updates per agent (2: the second runs with Adam's moments alive).
-        memory_variants: ``defaults`` and/or ``all-with-reference`` (see ``memory``).
+        memory_variants: among ``defaults``, ``all-with-reference``, ``dense-head`` (see
+            ``memory``).
         scaling_batches, scaling_lengths: the two axes of the scaling curve.
         scaling_fixed_batch, scaling_fixed_length: the other coordinate of each axis.
         scaling_steps: updates per point (the first is warm-up).
         scaling_trl: also time TRL at every scaling point.
+        trepo_num_envs, trepo_steps: batch and interleaved updates of the TRePO-vs-GRPO
+            cost section (the first pair is warm-up).
     """
 
     name: str
@@ -68,13 +71,15 @@ class Budget:
     memory_batch: int = 32
     memory_length: int = 32
     memory_steps: int = 2
-    memory_variants: tuple[str, ...] = ("defaults", "all-with-reference")
+    memory_variants: tuple[str, ...] = ("defaults", "all-with-reference", "dense-head")
     scaling_batches: tuple[int, ...] = (16, 32, 64, 128, 256)
     scaling_lengths: tuple[int, ...] = (8, 16, 32, 64, 128)
     scaling_fixed_batch: int = 64
     scaling_fixed_length: int = 32
     scaling_steps: int = 5
     scaling_trl: bool = True
+    trepo_num_envs: int = 64
+    trepo_steps: int = 11
 
 
 BUDGETS: dict[str, Budget] = {
@@ -93,6 +98,7 @@ BUDGETS: dict[str, Budget] = {
         scaling_lengths=(8, 16, 32, 64),
         scaling_fixed_length=16,
         scaling_steps=3,
+        trepo_steps=6,
     ),
     "tiny": Budget(
         "tiny",
@@ -121,6 +127,8 @@ BUDGETS: dict[str, Budget] = {
         scaling_fixed_length=4,
         scaling_steps=1,
         scaling_trl=False,
+        trepo_num_envs=8,
+        trepo_steps=2,
     ),
 }
 

@@ -231,6 +231,8 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "defaults": {"ppo": {}, "grpo": {}, "trepo": {}},
     # every agent keeps a frozen reference model: TRePO with beta 0.04 too
     "all-with-reference": {"ppo": {}, "grpo": {}, "trepo": {"kl_coef": 0.04}},
+    # each agent's defaults with the dense (B, R, V) logits instead of the chunked LM head
+    "dense-head": {"ppo": {}, "grpo": {}, "trepo": {}},
 }
 
 
@@ -262,6 +264,7 @@ def bench_memory(
                 "steps": steps,
                 "device": str(device),
                 "threads": threads,
+                "chunked_head": False if variant == "dense-head" else None,
             }
             r = measure_in_subprocess(spec)
             by_agent[agent] = r

@@ -98,6 +98,9 @@ class CausalLMPolicy(nn.Module):
 
     Attributes:
         model, tokenizer, temperature, vocab_size, device, action_mask.
+        positions_encoded: positions run through full prefills by ``act`` so far
+            (padding included: it is computed); ``positions_decoded``: rows run through
+            one-token incremental steps. Cost accounting for benchmarks.
     """
 
     model: Any  # a transformers PreTrainedModel (or a wrapper such as a PEFT model)
@@ -135,6 +138,8 @@ class CausalLMPolicy(nn.Module):
         self._head_ok: bool | None = None  # whether trunk + head reproduce the logits
         self._seed = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         self._generator: torch.Generator | None = None
+        self.positions_encoded = 0  # acting: positions through full prefills (padding too)
+        self.positions_decoded = 0  # acting: rows through incremental one-token steps
         self._illegal: torch.Tensor | None = None
         if tokenizer is not None and hasattr(tokenizer, "all_special_ids"):
             from llm_mdp.tasks.base import illegal_action_ids
@@ -380,6 +385,7 @@ class CausalLMPolicy(nn.Module):
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> KVState:
         batch, width = ids.shape
         c_ids, c_mask, pos = left_compact(ids, mask)
+        self.positions_encoded += c_ids.numel()
         logits, cache = self._forward(c_ids, c_mask, pos, keep=1, use_cache=True)
         end = width - mask.flip(1).argmax(1)
         return KVState(
@@ -420,6 +426,7 @@ class CausalLMPolicy(nn.Module):
         new_tok = torch.where(grew, masked_ids[rows, col], 0).unsqueeze(1)
         c_mask = torch.cat([st.attention_mask, grew.long().unsqueeze(1)], dim=1)
         pos = st.lengths.unsqueeze(1)
+        self.positions_decoded += batch
         logits, cache = self._forward(new_tok, c_mask, pos, keep=1, cache=st.cache, use_cache=True)
         last = logits[:, -1].float()
         return KVState(

@@ -20,8 +20,8 @@ import torch
 
 __all__ = ["CHUNK_ELEMENTS", "ChunkedTokenLogProbs", "chunked_token_log_probs"]
 
-CHUNK_ELEMENTS = 1 << 22
-"""Logits per chunk (rows x vocabulary): 16 MiB in float32."""
+CHUNK_ELEMENTS = 1 << 21
+"""Logits per chunk (rows x vocabulary): 8 MiB in float32."""
 
 
 def _chunk_logits(
