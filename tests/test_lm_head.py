@@ -22,6 +22,7 @@ from llm_mdp.policies.lm_head import chunked_token_log_probs
 
 VOCAB = 300  # several chunks at the small chunk size used below
 P, R = 5, 7
+ILLEGAL = [VOCAB - 2, VOCAB - 1]  # not actions: logits -inf in both paths (never targets)
 
 
 def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,7 +33,7 @@ def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.zeros((B, P + R), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for b, (p, r) in enumerate(zip(prompt_lens, resp_lens, strict=True)):
-        ids[b, P - p : P + r] = torch.randint(1, VOCAB, (p + r,), generator=g)
+        ids[b, P - p : P + r] = torch.randint(1, VOCAB - len(ILLEGAL), (p + r,), generator=g)
         mask[b, P - p : P + r] = 1
     return ids, mask
 
@@ -45,6 +46,10 @@ def _policies(arch: str, temperature: float) -> tuple[CausalLMPolicy, CausalLMPo
     chunked = CausalLMPolicy(
         copy.deepcopy(model), temperature=temperature, seed=0, chunked_head=True
     )
+    legal = torch.ones(VOCAB, dtype=torch.bool)
+    legal[ILLEGAL] = False
+    dense.set_action_mask(legal)
+    chunked.set_action_mask(legal)
     return dense, chunked
 
 

@@ -521,6 +521,7 @@ class CausalLMPolicy(nn.Module):
                 targets,
                 resp_mask,
                 temperature=self.temperature,
+                illegal=self._illegal_mask(dev),
                 with_entropy=with_entropy,
             )
             return (logp, ent) if ent is not None else logp
@@ -575,6 +576,16 @@ class CausalLMPolicy(nn.Module):
             mine = head(self._hidden(*one)[:, -1:])[..., : self._vocab_size]
         except Exception:  # a trunk that does not take these arguments
             return False
+        illegal = self._illegal_mask(dense.device)
+        if illegal is not None:  # -inf in the dense logits: compare the actions only
+            dense, mine = dense[..., ~illegal], mine[..., ~illegal]
         dense, mine = dense.double(), mine.double()
         scale = dense.abs().max().clamp(min=1.0)
         return bool(((dense - mine).abs().max() / scale) < 1e-3)
+
+    def _illegal_mask(self, device: torch.device) -> torch.Tensor | None:
+        """``(vocab_size,)`` bool on ``device``, True on tokens that are not actions."""
+        if self._illegal is None:
+            return None
+        mask = torch.zeros(self._vocab_size, dtype=torch.bool, device=device)
+        return mask.index_fill_(0, self._illegal.to(device), True)

@@ -61,7 +61,10 @@ def hidden_size(model: Any) -> int:
         config = config.get_text_config()
     size = getattr(config, "hidden_size", None)
     if size is None:
-        size = lm_head(model).weight.shape[1]  # type: ignore[union-attr]
+        weight = getattr(lm_head(model), "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise ValueError(f"{type(model).__name__}: no hidden_size in the config, no LM head")
+        size = weight.shape[1]
     return int(size)
 
 

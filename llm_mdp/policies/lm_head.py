@@ -53,7 +53,7 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         hidden: torch.Tensor,
         weight: torch.Tensor,
@@ -84,7 +84,7 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: Any, g_logp: torch.Tensor, g_entropy: torch.Tensor
     ) -> tuple[Any, ...]:
         hidden, weight, bias, targets, lse, entropy, illegal = ctx.saved_tensors

@@ -78,7 +78,7 @@ def _decode(tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor, mask: torch.T
     seqs = [[t for t, k in zip(r, m, strict=True) if k] for r, m in zip(rows, keep, strict=True)]
     # ``decode`` per row gives what ``batch_decode`` gives, ~15x faster on short rows
     # (``batch_decode`` first walks the nested lists element by element)
-    return [tokenizer.decode(s, skip_special_tokens=True) for s in seqs]
+    return [str(tokenizer.decode(s, skip_special_tokens=True)) for s in seqs]
 
 
 RewardFn = Callable[[ResponseBatch], RewardOutput]
