@@ -44,9 +44,11 @@ class TRePOConfig(AgentConfig):
         interpolation: ``"linear"`` or ``"constant"`` between known values.
         value_estimates: ``"shared"`` (adjacent anchors reuse a value) or ``"fresh"``
             (the two terms of each ``A_t`` come from independent rollouts).
-        value_batch_size: most env rows per batch of value rollouts (default
-            ``num_envs * rollouts_per_prefix``). Changes speed and memory, not the
-            estimates: every value rollout draws from its own random stream.
+        value_batch_size: most env rows per batch of value rollouts (default: as many as
+            keep one step's logits within 64 MiB of float32, at least ``num_envs *
+            rollouts_per_prefix``; a small vocabulary runs all of an update's value
+            rollouts in one batch). Changes speed and memory, not the estimates: every
+            value rollout draws from its own random stream.
     """
 
     group_size: int = 4
@@ -79,6 +81,12 @@ class TRePO(Agent):
 
     def setup(self) -> None:
         self.value_envs = EnvPool(self.env)  # value rollouts run in envs of their own size
+
+    @property
+    def default_value_batch_size(self) -> int:
+        """Rows per value-rollout batch when ``value_batch_size`` is None (see there)."""
+        floor = self.env.num_envs * self.config.rollouts_per_prefix
+        return max(floor, (1 << 24) // self.env.vocab_size)
 
     def episodes_run(self) -> int:
         return super().episodes_run() + self.value_envs.episodes_finished
@@ -128,7 +136,7 @@ class TRePO(Agent):
             [responses[i][:c] for i, c in jobs],
             copies=K,
             streams=streams,
-            batch_size=cfg.value_batch_size or self.env.num_envs * K,
+            batch_size=cfg.value_batch_size or self.default_value_batch_size,
         )
         means = rewards.mean(1).tolist()
 

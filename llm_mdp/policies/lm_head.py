@@ -84,9 +84,7 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
-    def backward(
-        ctx: Any, g_logp: torch.Tensor, g_entropy: torch.Tensor
-    ) -> tuple[Any, ...]:
+    def backward(ctx: Any, g_logp: torch.Tensor, g_entropy: torch.Tensor) -> tuple[Any, ...]:
         hidden, weight, bias, targets, lse, entropy, illegal = ctx.saved_tensors
         T, rows = ctx.temperature, ctx.rows
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
