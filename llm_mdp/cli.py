@@ -202,8 +202,14 @@ def build(opts: dict[str, Any]) -> tuple[Any, Any, Any]:
             pad_token_id=env.pad_token_id,
             eos_token_id=env.eos_token_id,
         )
+    # h-fsdp: an FSDP run leaves the model in host memory; sharding moves it to the GPU
+    sharded = dict(opts["agent_config"] or {}).get("parallel", opts.get("parallel")) == "fsdp"
     policy = CausalLMPolicy(
-        model, env.tokenizer, vocab_size=env.vocab_size, seed=int(opts["seed"]), device=device
+        model,
+        env.tokenizer,
+        vocab_size=env.vocab_size,
+        seed=int(opts["seed"]),
+        device=None if sharded else device,
     )
     fields = {f.name for f in dataclasses.fields(agent_cls.config_class)}
     cfg_args = dict(opts["agent_config"] or {})

@@ -98,32 +98,44 @@ def _blocks(root: nn.Module) -> list[nn.Module]:
     return [m for m in root.modules() if type(m).__name__ in names]
 
 
-def shard_module(
-    module: nn.Module, *, mixed_precision: bool = False, frozen: bool = False
-) -> nn.Module:
-    """``fully_shard`` each transformer block of ``module``, then its forward root.
+def device_mesh(module: nn.Module) -> Any:
+    """The 1-D mesh of all ranks that shards live on: ``cuda`` (this rank's current device)
+    under ``nccl``, else the device type ``module`` is on (``cpu`` under ``gloo``)."""
+    from torch.distributed.device_mesh import init_device_mesh
 
-    Args:
-        module: a :class:`~llm_mdp.policies.CausalLMPolicy` (its ``model`` is sharded) or
-            any module whose ``forward`` is called (PPO's critic); parameters must already
-            be on this rank's device. A model without ``_no_split_modules`` is sharded as
-            one unit at the root (correct, but the whole model is gathered at once).
-        mixed_precision: bfloat16 compute, float32 reductions (see the module docstring).
-        frozen: a module that never trains (the reference): its root reshards after
-            forward too, so no full copy stays alive between calls.
-
-    Gradients are *summed* over ranks (divide factor 1), like
-    :meth:`llm_mdp.distributed.DistContext.all_reduce_grads`. Returns ``module``.
-    """
-    fsdp = _fsdp()
     if not _distributed():
         raise RuntimeError(
             "parallel='fsdp' needs an initialized torch.distributed process group "
             "(launch with torchrun, or call llm_mdp.distributed.init_from_env()); "
             "use parallel='dp' in a single process"
         )
+    kind = "cuda" if dist.get_backend() == "nccl" else next(module.parameters()).device.type
+    return init_device_mesh(kind, (dist.get_world_size(),))
+
+
+def shard_module(
+    module: nn.Module, *, mixed_precision: bool = False, frozen: bool = False, mesh: Any = None
+) -> nn.Module:
+    """``fully_shard`` each transformer block of ``module``, then its forward root.
+
+    Args:
+        module: a :class:`~llm_mdp.policies.CausalLMPolicy` (its ``model`` is sharded) or
+            any module whose ``forward`` is called (PPO's critic). It may still be on the
+            CPU: each block is moved to the mesh's device as it is sharded, so a model
+            larger than one GPU never sits whole on one. A model without
+            ``_no_split_modules`` is sharded as one unit at the root (correct, but the
+            whole model is gathered at once).
+        mixed_precision: bfloat16 compute, float32 reductions (see the module docstring).
+        frozen: a module that never trains (the reference): its root reshards after
+            forward too, so no full copy stays alive between calls.
+        mesh: the device mesh (default: :func:`device_mesh`).
+
+    Gradients are *summed* over ranks (divide factor 1), like
+    :meth:`llm_mdp.distributed.DistContext.all_reduce_grads`. Returns ``module``.
+    """
+    fsdp = _fsdp()
     root = _forward_root(module)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"mesh": mesh if mesh is not None else device_mesh(root)}
     if mixed_precision:
         kwargs["mp_policy"] = fsdp.MixedPrecisionPolicy(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32
@@ -143,10 +155,12 @@ def shard_agent(agent: Agent) -> None:
     """Shard every model of ``agent`` in place (before its optimizer is built): the
     trainable ``agent.modules`` (policy, PPO's critic) and the frozen reference."""
     mp = bool(getattr(agent.config, "mixed_precision", False))
+    mesh = device_mesh(agent.modules["policy"])
     for m in agent.modules.values():
-        shard_module(m, mixed_precision=mp)
+        shard_module(m, mixed_precision=mp, mesh=mesh)
     if agent.ref_policy is not None:
-        shard_module(agent._as_module(agent.ref_policy), mixed_precision=mp, frozen=True)
+        ref = agent._as_module(agent.ref_policy)
+        shard_module(ref, mixed_precision=mp, frozen=True, mesh=mesh)
 
 
 @contextmanager

@@ -98,8 +98,9 @@ def test_fsdp_update_memory_and_sharded_checkpoint(tmp_path: Path) -> None:
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     grpo_grad = None
+    singles = {}
     for name in AGENTS:
-        single = make(name, GLOBAL_BATCH)
+        single = singles[name] = make(name, GLOBAL_BATCH)
         single.learn(1, progress=False)
         for res in ranks:
             torch.testing.assert_close(res[name], flat(single), atol=1e-5, rtol=0, msg=name)
@@ -121,7 +122,7 @@ def test_fsdp_update_memory_and_sharded_checkpoint(tmp_path: Path) -> None:
     assert cos > 0.99, float(cos)
     assert (bf16 - grpo_grad).abs().max() > 1e-5
 
-    straight = make("ppo", GLOBAL_BATCH)
+    straight = singles["ppo"]  # the uninterrupted run, one process
     straight.learn(2, progress=False)
     ckpt = tmp_path / "run" / "checkpoint"
     for res in ranks:  # resumed at world size 2

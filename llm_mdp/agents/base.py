@@ -213,7 +213,8 @@ class Agent:
         self.modules: dict[str, torch.nn.Module] = {"policy": self._as_module(policy)}
         self.setup()
         if cfg.parallel == "fsdp":
-            fsdp.shard_agent(self)
+            fsdp.shard_agent(self)  # may move the models' shards to the rank's GPU
+            self.device = policy.device
         params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=cfg.adam_betas
