@@ -57,11 +57,13 @@ META_FILE = "agent.pt"  # the non-tensor part of a sharded checkpoint (counters,
 
 __all__ = [
     "PARALLEL_MODES",
+    "device_mesh",
     "gathered",
     "grad_norm",
     "is_sharded",
     "load_checkpoint",
     "local_state_bytes",
+    "read_meta",
     "save_checkpoint",
     "shard_agent",
     "shard_module",
@@ -142,7 +144,8 @@ def shard_module(
         )
     for block in _blocks(root):
         fsdp.fully_shard(block, **kwargs)
-    fsdp.fully_shard(root, reshard_after_forward=frozen or None, **kwargs)
+    # None: FSDP's default (the root keeps its weights from forward to backward)
+    fsdp.fully_shard(root, reshard_after_forward=True if frozen else None, **kwargs)
     if not frozen:
         for m in root.modules():
             if isinstance(m, fsdp.FSDPModule):

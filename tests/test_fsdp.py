@@ -144,13 +144,16 @@ def test_fsdp_update_memory_and_sharded_checkpoint(tmp_path: Path) -> None:
         dist.destroy_process_group()
 
 
-def test_fsdp_needs_a_process_group() -> None:
+def test_fsdp_configuration_errors(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="process group"):
         make("grpo", 4, parallel="fsdp")
     with pytest.raises(ValueError, match="parallel='fsdp'"):
         make("grpo", 4, mixed_precision=True)
     with pytest.raises(ValueError, match="parallel='zero3'"):
         make("grpo", 4, parallel="zero3")
+    path = make("grpo", 4).save(tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="single-file checkpoint"):
+        get_agent("grpo").load(path, *env_and_policy(4), parallel="fsdp")
 
 
 def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess[str]:

@@ -643,6 +643,8 @@ class Agent:
             else torch.load(Path(path), map_location=policy.device, weights_only=False)
         )
         config = cls.config_class.from_dict(state["config"])
+        if parallel == "fsdp" and not sharded:
+            raise ValueError(f"{str(path)!r} is a single-file checkpoint: load it with 'dp'")
         if parallel is not None:
             mp = config.mixed_precision and parallel == "fsdp"
             config = dataclasses.replace(config, parallel=parallel, mixed_precision=mp)
