@@ -278,7 +278,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         ckpt = ckpt if ckpt.is_dir() else run_dir / "checkpoint.pt"
         if not (run_dir / "run.json").exists() or not ckpt.exists():
             raise CLIError(
-                f"--resume {str(run_dir)!r}: no run.json and checkpoint.pt in that folder"
+                f"--resume {str(run_dir)!r}: no run.json and checkpoint.pt (or sharded "
+                "checkpoint/) in that folder"
             )
         opts = json.loads((run_dir / "run.json").read_text())
         if args.updates is not None:
@@ -354,26 +355,23 @@ def _count(policy: Any) -> str:
 
 
 def sample_table(agent: Any, n: int = 8) -> str:
-    """Greedy responses to the first ``n`` prompts of the pool with their rewards."""
+    """Greedy responses to the first ``n`` prompts of the pool with their rewards
+    (collective under FSDP: every rank calls it)."""
     from llm_mdp import fsdp
     from llm_mdp.agents import rollout
 
-    with fsdp.gathered(agent.policy):  # under FSDP every rank must call this
-        return _sample_table(agent, n, rollout)
-
-
-def _sample_table(agent: Any, n: int, rollout: Any) -> str:
     env = agent.env
     idx = list(range(min(n, len(env.task.prompts))))
     lines = [f"update {agent.update}: greedy responses"]
     for lo in range(0, len(idx), env.num_envs):
         chunk = idx[lo : lo + env.num_envs]
-        ro = rollout(
-            env,
-            agent.policy,
-            {"prompt_indices": chunk + [chunk[0]] * (env.num_envs - len(chunk))},
-            greedy=True,
-        )
+        with fsdp.gathered(agent.policy):
+            ro = rollout(
+                env,
+                agent.policy,
+                {"prompt_indices": chunk + [chunk[0]] * (env.num_envs - len(chunk))},
+                greedy=True,
+            )
         batch = env.response_batch()
         for j in range(len(chunk)):
             lines.append(
