@@ -202,22 +202,24 @@ def grad_norm(norm: torch.Tensor) -> float:
 
 
 def local_state_bytes(agent: Agent) -> dict[str, int]:
-    """Bytes this rank holds at rest for the trainable parameters and the optimizer state
-    (its local shards when sharded): ``{"parameters": ..., "optimizer": ...}``."""
+    """Bytes of the storage this rank allocates for the trainable parameters and the
+    optimizer state (its local shards, FSDP's padding included, when sharded):
+    ``{"parameters": ..., "optimizer": ...}``. Shared storage (tied weights) counts once."""
 
-    def local(t: torch.Tensor) -> torch.Tensor:
-        to_local = getattr(t, "to_local", None)
-        return to_local() if callable(to_local) else t
+    def nbytes(tensors: list[torch.Tensor]) -> int:
+        storages = {}
+        for t in tensors:
+            to_local = getattr(t, "to_local", None)
+            st = (to_local() if callable(to_local) else t).untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+        return sum(storages.values())
 
-    params = {id(p): p for g in agent.optimizer.param_groups for p in g["params"]}
-    n_params = sum(local(p).numel() * p.element_size() for p in params.values())
-    n_opt = 0
-    for st in agent.optimizer.state.values():
-        for v in st.values():
-            if isinstance(v, torch.Tensor):
-                lv = local(v)
-                n_opt += lv.numel() * lv.element_size()
-    return {"parameters": n_params, "optimizer": n_opt}
+    params = [p for g in agent.optimizer.param_groups for p in g["params"]]
+    state = [v for st in agent.optimizer.state.values() for v in st.values()]
+    return {
+        "parameters": nbytes(params),
+        "optimizer": nbytes([v for v in state if isinstance(v, torch.Tensor)]),
+    }
 
 
 # ---------------------------------------------------------------------------- checkpoints
