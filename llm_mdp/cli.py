@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "lr": None,
     "agent_config": {},
     "run_dir": None,
+    "parallel": "dp",  # h-fsdp: dp | fsdp (AgentConfig.parallel)
 }
 TINY_LR = 2e-3  # learning rate used for the tiny random models unless --lr is given
 TINY_MODELS = ("tiny-gpt2", "tiny-llama")
@@ -91,6 +92,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "--run-dir", type=Path, help="output folder (default: runs/<time>-<agent>-<task>)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--parallel",
+        choices=("dp", "fsdp"),
+        help="under torchrun: dp (a full model per rank) or fsdp (models sharded over the "
+        "ranks, sharded checkpoints; docs/distributed.md) (default: dp)",
+    )
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -195,8 +202,14 @@ def build(opts: dict[str, Any]) -> tuple[Any, Any, Any]:
             pad_token_id=env.pad_token_id,
             eos_token_id=env.eos_token_id,
         )
+    # h-fsdp: an FSDP run leaves the model in host memory; sharding moves it to the GPU
+    sharded = dict(opts["agent_config"] or {}).get("parallel", opts.get("parallel")) == "fsdp"
     policy = CausalLMPolicy(
-        model, env.tokenizer, vocab_size=env.vocab_size, seed=int(opts["seed"]), device=device
+        model,
+        env.tokenizer,
+        vocab_size=env.vocab_size,
+        seed=int(opts["seed"]),
+        device=None if sharded else device,
     )
     fields = {f.name for f in dataclasses.fields(agent_cls.config_class)}
     cfg_args = dict(opts["agent_config"] or {})
@@ -206,6 +219,7 @@ def build(opts: dict[str, Any]) -> tuple[Any, Any, Any]:
             f"unknown {agent_cls.config_class.__name__} field(s) {unknown}; see `llm-mdp train --help`"
         )
     cfg_args.setdefault("seed", int(opts["seed"]))
+    cfg_args.setdefault("parallel", opts.get("parallel") or "dp")
     lr = opts["lr"] if opts["lr"] is not None else (TINY_LR if model_name in TINY_MODELS else None)
     if lr is not None:
         cfg_args.setdefault("learning_rate", float(lr))
@@ -260,9 +274,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume is not None:
         run_dir = Path(args.resume)
-        if not (run_dir / "run.json").exists() or not (run_dir / "checkpoint.pt").exists():
+        ckpt = run_dir / "checkpoint"  # sharded (FSDP) checkpoint folder, else one file
+        ckpt = ckpt if ckpt.is_dir() else run_dir / "checkpoint.pt"
+        if not (run_dir / "run.json").exists() or not ckpt.exists():
             raise CLIError(
-                f"--resume {str(run_dir)!r}: no run.json and checkpoint.pt in that folder"
+                f"--resume {str(run_dir)!r}: no run.json and checkpoint.pt (or sharded "
+                "checkpoint/) in that folder"
             )
         opts = json.loads((run_dir / "run.json").read_text())
         if args.updates is not None:
@@ -277,16 +294,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     main_rank = context().is_main  # under torchrun only rank 0 writes and prints
     opts["run_dir"] = str(run_dir)
     if args.resume is not None:
-        agent = agent_cls.load(run_dir / "checkpoint.pt", env, policy, run_dir=run_dir)
+        agent = agent_cls.load(ckpt, env, policy, run_dir=run_dir)
         if main_rank:
             print(f"resuming {run_dir} at update {agent.update}")
     else:
         agent = agent_cls(env, policy, config, run_dir=run_dir)
+        # FSDP: rollouts are collective, so every rank computes the sample tables
+        before = sample_table(agent) if main_rank or config.parallel == "fsdp" else ""
         if main_rank:
             run_dir.mkdir(parents=True, exist_ok=True)
             record = opts | {"agent_config": dataclasses.asdict(config)}
             (run_dir / "run.json").write_text(json.dumps(record, indent=2, default=str))
-            (run_dir / "samples_before.txt").write_text(sample_table(agent))
+            (run_dir / "samples_before.txt").write_text(before)
     if main_rank:
         print(
             f"{agent_cls.__name__} on {opts['task']} with {opts['model']} ({_count(policy)} "
@@ -302,9 +321,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingError as exc:
         print(f"llm-mdp: error: {exc}", file=sys.stderr)
         return 1
+    if not main_rank and agent.config.parallel != "fsdp":
+        return 0
+    after, greedy = sample_table(agent), agent.evaluate()  # collective under FSDP
     if not main_rank:
         return 0
-    (run_dir / "samples_after.txt").write_text(sample_table(agent))
+    (run_dir / "samples_after.txt").write_text(after)
     rows = read_metrics(run_dir / "metrics.csv")
     from llm_mdp.plotting import plot_learning_curve
 
@@ -318,9 +340,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     first = sum(r["reward/mean"] for r in rows[:k]) / k
     last = sum(r["reward/mean"] for r in rows[-k:]) / k
     print(f"mean reward: first {k} updates {first:.3f} -> last {k} updates {last:.3f}")
-    print(f"greedy reward over the prompt pool: {agent.evaluate():.3f}")
+    print(f"greedy reward over the prompt pool: {greedy:.3f}")
+    ckpt_name = "checkpoint/" if agent.config.parallel == "fsdp" else "checkpoint.pt"
     print(
-        f"wrote {run_dir}/: run.json metrics.csv checkpoint.pt {png.name} "
+        f"wrote {run_dir}/: run.json metrics.csv {ckpt_name} {png.name} "
         "samples_before.txt samples_after.txt"
     )
     return 0
@@ -332,7 +355,9 @@ def _count(policy: Any) -> str:
 
 
 def sample_table(agent: Any, n: int = 8) -> str:
-    """Greedy responses to the first ``n`` prompts of the pool with their rewards."""
+    """Greedy responses to the first ``n`` prompts of the pool with their rewards
+    (collective under FSDP: every rank calls it)."""
+    from llm_mdp import fsdp
     from llm_mdp.agents import rollout
 
     env = agent.env
@@ -340,12 +365,13 @@ def sample_table(agent: Any, n: int = 8) -> str:
     lines = [f"update {agent.update}: greedy responses"]
     for lo in range(0, len(idx), env.num_envs):
         chunk = idx[lo : lo + env.num_envs]
-        ro = rollout(
-            env,
-            agent.policy,
-            {"prompt_indices": chunk + [chunk[0]] * (env.num_envs - len(chunk))},
-            greedy=True,
-        )
+        with fsdp.gathered(agent.policy):
+            ro = rollout(
+                env,
+                agent.policy,
+                {"prompt_indices": chunk + [chunk[0]] * (env.num_envs - len(chunk))},
+                greedy=True,
+            )
         batch = env.response_batch()
         for j in range(len(chunk)):
             lines.append(

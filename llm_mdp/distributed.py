@@ -8,7 +8,8 @@ Groups stay whole on one rank. Sampling is counter-based per global row
 (``llm_mdp.agents.rollout.counter_uniforms``), so an update does not depend on the world
 size, and a checkpoint written at one world size resumes at another.
 
-Backend: ``nccl`` when CUDA is available, else ``gloo``.
+Backend: ``nccl`` when CUDA is available, else ``gloo``. Models too large for one device:
+``AgentConfig(parallel="fsdp")`` shards them over the ranks (:mod:`llm_mdp.fsdp`).
 """
 
 from __future__ import annotations
@@ -69,10 +70,10 @@ def init_from_env(backend: str = "auto") -> DistContext:
     """Initialize the process group from ``torchrun``'s environment (no-op when absent).
 
     ``backend="auto"`` picks ``nccl`` on CUDA machines and ``gloo`` otherwise; each rank
-    uses CUDA device ``LOCAL_RANK`` when CUDA is available.
+    uses CUDA device ``LOCAL_RANK`` when CUDA is available. Under ``torchrun
+    --nproc-per-node 1`` a group of one is made too (FSDP needs a process group).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or (dist.is_available() and dist.is_initialized()):
+    if "WORLD_SIZE" not in os.environ or (dist.is_available() and dist.is_initialized()):
         return context()
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"

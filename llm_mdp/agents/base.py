@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode
 
-from llm_mdp import distributed
+from llm_mdp import distributed, fsdp
 from llm_mdp import estimators as est
 from llm_mdp.agents.logger import MetricsLogger
 from llm_mdp.agents.rollout import Rollout, rollout
@@ -88,6 +88,11 @@ class AgentConfig:
         temperature: sampling temperature of the rollout policy.
         checkpoint_every: save ``run_dir/checkpoint.pt`` every this many updates (0: only
             at the end of ``learn`` when ``run_dir`` is set).
+        parallel: ``"dp"`` (every rank a full replica; one process when not distributed)
+            or ``"fsdp"`` (models sharded over the ranks, sharded checkpoints in
+            ``run_dir/checkpoint/``; :mod:`llm_mdp.fsdp`).
+        mixed_precision: with ``"fsdp"``: bfloat16 compute, float32 reductions and
+            AdamW state (updates then equal float32 ones only approximately).
     """
 
     seed: int = 0
@@ -110,6 +115,8 @@ class AgentConfig:
     entropy_coef: float = 0.0
     temperature: float = 1.0
     checkpoint_every: int = 0
+    parallel: str = "dp"
+    mixed_precision: bool = False
 
     def __post_init__(self) -> None:
         if self.kl_placement not in ("reward", "loss"):
@@ -120,6 +127,10 @@ class AgentConfig:
             )
         est.get_policy_loss(self.loss)
         est.get_kl_estimator(self.kl_estimator)
+        if self.parallel not in fsdp.PARALLEL_MODES:
+            raise ValueError(f"parallel={self.parallel!r}, expected one of {fsdp.PARALLEL_MODES}")
+        if self.mixed_precision and self.parallel != "fsdp":
+            raise ValueError("mixed_precision=True needs parallel='fsdp'")
         for name in ("epochs", "minibatches", "group_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}, expected >= 1")
@@ -184,9 +195,12 @@ class Agent:
                 f"tokenizer {env.vocab_size}; build the policy for this task's tokenizer"
             )
         _match_action_sets(env, policy)
+        if fsdp.is_sharded(self._as_module(policy)):
+            raise ValueError("this policy is already sharded (by another agent): build a new one")
         self.env, self.policy = env, policy
         self.dist = distributed.context()
         self.run_dir = Path(run_dir) if run_dir is not None and self.dist.is_main else None
+        self._ckpt_dir = Path(run_dir) if run_dir is not None else None  # FSDP: every rank
         self.device = policy.device
         self.rng = np.random.default_rng(cfg.seed)  # shared by all ranks: same draws everywhere
         torch.manual_seed(cfg.seed)
@@ -199,6 +213,9 @@ class Agent:
             self._as_module(self.ref_policy).requires_grad_(False)
         self.modules: dict[str, torch.nn.Module] = {"policy": self._as_module(policy)}
         self.setup()
+        if cfg.parallel == "fsdp":
+            fsdp.shard_agent(self)  # may move the models' shards to the rank's GPU
+            self.device = policy.device
         params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=cfg.adam_betas
@@ -284,7 +301,8 @@ class Agent:
         cfg = self.config
         t0 = time.perf_counter()
         episodes_before = self.episodes_run()
-        batch = self.collect()
+        with fsdp.gathered(self.policy):  # sharded policy: full weights for decoding only
+            batch = self.collect()
         t1 = time.perf_counter()
         mask = batch.response_mask
         if self.ref_policy is not None:
@@ -371,11 +389,12 @@ class Agent:
                 self.optimizer.zero_grad(set_to_none=True)
                 stats = self.accumulate_gradients(batch.select(mb_rows))
                 params = [p for g in self.optimizer.param_groups for p in g["params"]]
-                self.dist.all_reduce_grads(params)
+                if cfg.parallel != "fsdp":  # FSDP reduce-scatters (sums) in backward
+                    self.dist.all_reduce_grads(params)
                 norm = torch.nn.utils.clip_grad_norm_(
                     params, cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
                 )
-                stats["grad_norm"] = float(norm)
+                stats["grad_norm"] = fsdp.grad_norm(norm)
                 self.optimizer.step()
                 n_steps += 1
                 for k, v in stats.items():
@@ -519,6 +538,10 @@ class Agent:
 
     @property
     def checkpoint_path(self) -> Path | None:
+        """``run_dir/checkpoint.pt`` (rank 0), or the sharded ``run_dir/checkpoint/``
+        folder under FSDP (every rank writes its shards)."""
+        if self.config.parallel == "fsdp":
+            return None if self._ckpt_dir is None else self._ckpt_dir / "checkpoint"
         return None if self.run_dir is None else self.run_dir / "checkpoint.pt"
 
     @torch.no_grad()
@@ -528,7 +551,8 @@ class Agent:
 
         idx = list(range(len(self.env.task.prompts))) if prompt_indices is None else prompt_indices
         state = self.policy.generator.get_state() if hasattr(self.policy, "generator") else None
-        rewards = rollout_many(self.env, self.policy, idx, [[] for _ in idx], greedy=greedy)
+        with fsdp.gathered(self.policy):  # collective under FSDP: every rank evaluates
+            rewards = rollout_many(self.env, self.policy, idx, [[] for _ in idx], greedy=greedy)
         if state is not None:  # evaluation does not perturb the training run
             self.policy.generator.set_state(state)  # type: ignore[attr-defined]
         return float(rewards.mean())
@@ -569,7 +593,10 @@ class Agent:
         """Inverse of :meth:`extra_state`."""
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write a checkpoint atomically (temp file + rename): never a half-written file."""
+        """Write a checkpoint atomically (temp file + rename): never a half-written file.
+        Under FSDP a sharded folder, written by every rank (``llm_mdp.fsdp``)."""
+        if self.config.parallel == "fsdp":
+            return fsdp.save_checkpoint(self, path)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -580,11 +607,12 @@ class Agent:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("agent") != self.name:
             raise ValueError(f"checkpoint is for agent {state.get('agent')!r}, not {self.name!r}")
-        for k, m in self.modules.items():
-            m.load_state_dict(state["modules"][k])
-        if self.ref_policy is not None and state["ref_policy"] is not None:
-            self._as_module(self.ref_policy).load_state_dict(state["ref_policy"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "modules" in state:  # a single file; a sharded one's tensors: fsdp.load_checkpoint
+            for k, m in self.modules.items():
+                m.load_state_dict(state["modules"][k])
+            if self.ref_policy is not None and state["ref_policy"] is not None:
+                self._as_module(self.ref_policy).load_state_dict(state["ref_policy"])
+            self.optimizer.load_state_dict(state["optimizer"])
         c = state["counters"]
         self.update, self.samples, self.tokens = c["update"], c["samples"], c["tokens"]
         self.episodes = c["episodes"]
@@ -605,15 +633,31 @@ class Agent:
         policy: Policy,
         *,
         run_dir: str | os.PathLike[str] | None = None,
+        parallel: str | None = None,
     ) -> Agent:
         """Rebuild an agent from a checkpoint: config, weights, optimizer, RNG, counters.
 
         ``env`` and ``policy`` must be built as for the original run (same task and
-        model architecture); the policy's weights are replaced by the checkpoint's.
+        model architecture); the policy's weights are replaced by the checkpoint's. A
+        sharded checkpoint (a folder) loads at any world size; ``parallel`` overrides the
+        saved mode (e.g. ``"dp"`` to resume an FSDP run in one process).
         """
-        state = torch.load(Path(path), map_location=policy.device, weights_only=False)
+        sharded = Path(path).is_dir()
+        state = (
+            fsdp.read_meta(path)
+            if sharded
+            else torch.load(Path(path), map_location=policy.device, weights_only=False)
+        )
         config = cls.config_class.from_dict(state["config"])
+        if parallel == "fsdp" and not sharded:
+            raise ValueError(f"{str(path)!r} is a single-file checkpoint: load it with 'dp'")
+        if parallel is not None:
+            mp = config.mixed_precision and parallel == "fsdp"
+            config = dataclasses.replace(config, parallel=parallel, mixed_precision=mp)
         agent = cls(env, policy, config, run_dir=run_dir)
+        if sharded:
+            fsdp.load_checkpoint(agent, path)
+            return agent
         agent.load_state_dict(state)
         return agent
 
