@@ -24,10 +24,8 @@ from llm_mdp.theory import ExactModel
 def z_scores(n_batches: int, **cfg: object) -> torch.Tensor:
     task = hidden_rewards_task(alphabet="ab", max_response_tokens=3, prompts=("a",), seed=0)
     env = LLMTokenVectorEnv(task, 16)
-    eos, pad = env.eos_token_id, env.pad_token_id
-    policy = TabularPolicy(env.vocab_size, eos, 3, [(2,)], seed=0)
-    with torch.no_grad():
-        policy.logits[:, pad] = -math.inf  # <pad> is not an action of this MDP
+    prompt = tuple(task.tokenizer("a").input_ids)
+    policy = TabularPolicy(env.vocab_size, env.eos_token_id, 3, [prompt], seed=0)
     exact = ExactModel.from_task(policy, task, length_cap="env")
     config = TRePOConfig(seed=0, group_size=4, loss="vanilla", rollouts_per_prefix=1, **cfg)  # type: ignore[arg-type]
     agent = TRePO(env, policy, config)
@@ -46,7 +44,7 @@ def z_scores(n_batches: int, **cfg: object) -> torch.Tensor:
     mean, se = g.mean(0), g.std(0) / math.sqrt(n_batches)
     target = exact.grad_J.to(mean.dtype)
     live = se > 1e-9
-    assert torch.all((mean - target)[~live].abs() < 1e-9)  # pad columns, forced nodes
+    assert torch.all((mean - target)[~live].abs() < 1e-9)  # forced nodes
     return (mean - target)[live] / se[live]
 
 
