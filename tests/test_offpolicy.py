@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -13,7 +14,7 @@ from llm_mdp.theory import ExactModel, InputSpec, paper_setup
 from llm_mdp.theory.kl import KLModel
 from llm_mdp.theory.offpolicy import OffPolicyModel, OffPolicySpec, _group_aggregate, make_behavior
 from llm_mdp.theory.offpolicy_kl import KL_GRADIENTS, documented_kl_gradient
-from llm_mdp.theory.setups import A, ACTIONS, EOS
+from llm_mdp.theory.setups import ACTIONS, EOS, A
 
 TOL = 1e-12
 
@@ -62,7 +63,7 @@ def test_truncated_sequence_ratio_bias_shrinks_to_zero_as_the_cap_grows(model: E
     rho_max = float(om.sequence_ratio().max())
     caps = [0.5, 1.0, 1.5, 2.0, 3.0, rho_max]
     biases = [rel_bias(om, OffPolicySpec(correction="seq_tis", cap=c)) for c in caps]
-    assert all(b1 >= b2 - 1e-15 for b1, b2 in zip(biases, biases[1:], strict=False)), biases
+    assert all(b1 >= b2 - 1e-15 for b1, b2 in itertools.pairwise(biases)), biases
     assert biases[0] > 0.05 and biases[-1] < 1e-12
     masked = [rel_bias(om, OffPolicySpec(correction="seq_mis", cap=c)) for c in caps]
     assert masked[0] > biases[0] and masked[-1] < 1e-12  # masking drops more than capping

@@ -104,7 +104,7 @@ def _keep_top(pi: Tensor, k: int | None, p: float | None) -> Tensor:
         rank_kept = torch.arange(pi.shape[1])[None, :] < k
     else:
         before = order.values.cumsum(1) - order.values  # mass strictly before each token
-        rank_kept = before < p
+        rank_kept = before < (1.0 if p is None else p)
     kept = torch.zeros_like(pi, dtype=torch.bool)
     return kept.scatter(1, order.indices, rank_kept.expand_as(pi)) & (pi > 0)
 
