@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,3 +175,21 @@ def test_dynamic_sampling_divides_the_expected_gradient_by_the_kept_probability(
         1.0,
         abs_tol=1e-12,
     )
+
+
+@pytest.mark.slow
+def test_verify_off_policy_cli_passes_and_writes_the_figure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from llm_mdp.theory.report import verify_cli
+
+    png, js = tmp_path / "offpolicy.png", tmp_path / "offpolicy.json"
+    assert verify_cli(["--off-policy", "--plot", str(png), "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and out.count("PASS") == 5
+    assert png.stat().st_size > 10_000
+    data = json.loads(js.read_text())
+    rows = {(r["estimator"], r["behavior"]): r for r in data["rows"]}
+    assert rows[("REINFORCE + seq_tis (C=inf)", "stale")]["relative_bias"] < 1e-12
+    assert rows[("REINFORCE + tis (C=inf)", "T=0.7")]["relative_bias"] > 0.1
+    assert rows[("RLOO (G=2)", "on-policy")]["relative_bias"] < 1e-12

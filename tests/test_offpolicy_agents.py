@@ -28,7 +28,8 @@ from test_agents import make_agent
 def learns_target_token(name: str, **cfg: Any) -> None:
     agent = make_agent(name, **cfg)
     hist = agent.learn(30, progress=False)
-    assert sum(h["reward/mean"] for h in hist[:3]) / 3 < 0.3
+    if not agent.config.samples_off_policy:  # top-k / top-p sampling starts higher
+        assert sum(h["reward/mean"] for h in hist[:3]) / 3 < 0.3
     assert sum(h["reward/mean"] for h in hist[-3:]) / 3 > 0.55, [
         round(h["reward/mean"], 2) for h in hist
     ]
@@ -84,7 +85,7 @@ def test_overlong_penalty_trains_short_optimal_responses() -> None:
     for cache in (4, 0):
         agent = make_agent("grpo", first_a_task(), kl_coef=0.0, overlong_cache=cache)
         agent.learn(30, progress=False)
-        ro = rollout(agent.env, agent.policy, {"prompt_indices": [0, 1, 2, 3]}, greedy=True)
+        ro = rollout(agent.env, agent.policy, {"prompt_indices": [0, 1, 2, 3] * 4}, greedy=True)
         assert float(ro.rewards.min()) == 1.0
         lengths[cache] = ro.response_lengths
     assert int(lengths[4].max()) <= 4
