@@ -193,3 +193,52 @@ def test_verify_off_policy_cli_passes_and_writes_the_figure(
     assert rows[("REINFORCE + seq_tis (C=inf)", "stale")]["relative_bias"] < 1e-12
     assert rows[("REINFORCE + tis (C=inf)", "T=0.7")]["relative_bias"] > 0.1
     assert rows[("RLOO (G=2)", "on-policy")]["relative_bias"] < 1e-12
+
+
+def test_new_losses_advantages_and_corrections_by_their_formulas() -> None:
+    from llm_mdp import estimators_offpolicy as offp
+    from llm_mdp.estimators import AdvantageInputs
+    from llm_mdp.testing import assert_clipped_surrogate, assert_partition_invariant, loss_batch
+
+    b = loss_batch(8, 6, group_size=2)
+    logp, old, adv, mask = b["logp"], b["old_logp"], b["advantages"], b["mask"]
+    m = mask.bool()
+    # GSPO: one ratio per response, exp(mean log-ratio), on every token
+    out = est.get_policy_loss("gspo")(logp, old, adv, mask, clip_low=0.5, clip_high=0.5)
+    s = torch.exp(((logp - old) * m).sum(1) / m.sum(1))
+    assert torch.allclose(out.stats["ratio"], s[:, None] * m)
+    # CISPO: gradient -clip(r) A per token, no token dropped
+    out = est.get_policy_loss("cispo")(logp, old, adv, mask, clip_high=0.05)
+    (g,) = torch.autograd.grad(out.loss.sum(), logp)
+    r = torch.exp(logp - old).detach()
+    assert torch.allclose(g[m], (-r.clamp(max=1.05) * adv)[m])
+    assert_clipped_surrogate("ppo_clip", clip_low=0.2, clip_high=0.28)
+    for name in ("gspo", "cispo"):
+
+        def loss(mb: dict, counts: dict, name: str = name) -> torch.Tensor:
+            o = est.get_policy_loss(name)(mb["logp"], mb["old_logp"], mb["advantages"], mb["mask"])
+            return est.aggregate(o.loss, mb["mask"], "token-mean", **counts)
+
+        assert_partition_invariant(loss, loss_batch(8, 6, group_size=2))
+    # REINFORCE++: token-normalised over the batch; -baseline: group mean, then batch std
+    rewards = b["rewards"]
+    batch = AdvantageInputs(rewards=rewards, mask=mask, group_size=2)
+    a = est.compute_advantages("reinforce_pp", batch)
+    assert abs(float(a[m].mean())) < 1e-12 and abs(float(a[m].std()) - 1.0) < 1e-6
+    centred = rewards - rewards.view(4, 2).mean(1).repeat_interleave(2)
+    tok = centred[:, None].expand(mask.shape)[m]
+    want = centred[:, None] / (tok.std() + 1e-8)
+    got = est.compute_advantages("reinforce_pp_baseline", batch)
+    assert torch.allclose(got[m], want.expand(mask.shape)[m])
+    # corrections: TRL's formulas
+    rho = torch.exp(logp - old).detach()
+    seq = torch.exp(((logp - old) * m).sum(1)).detach()
+    w = offp.behavior_weights("tis", logp, old, mask, cap=1.1)
+    assert torch.allclose(w[m], rho.clamp(max=1.1)[m])
+    w = offp.behavior_weights("mis", logp, old, mask, cap=1.1, cap_low=0.9)
+    assert torch.allclose(w[m], torch.where((rho <= 1.1) & (rho >= 0.9), rho, 0.0)[m])
+    w = offp.behavior_weights("seq_mis", logp, old, mask, cap=1.2)
+    want_seq = torch.where(seq <= 1.2, seq, 0.0)[:, None].expand(mask.shape)
+    assert torch.allclose(w[m], want_seq[m]) and 0 < int((w[m] == 0).sum()) < int(m.sum())
+    with pytest.raises(ValueError, match="unknown behavior correction 'vtrace'"):
+        offp.get_behavior_correction("vtrace")
