@@ -29,7 +29,7 @@ Behavior corrections (:data:`BEHAVIOR_CORRECTIONS`)
     REINFORCE unbiased under ``mu`` (``docs/theory.md#off-policy``).
 
 DAPO (arXiv 2503.14476)
-    :func:`overlong_penalty` (soft length penalty, eq. (13)) and
+    :func:`overlong_penalty` ("soft overlong punishment") and
     :func:`dynamic_sampling_keep` (which groups dynamic sampling keeps).
 """
 
@@ -93,7 +93,7 @@ def gspo(
     clip_low: float = 3e-4,
     clip_high: float | None = 4e-4,
 ) -> PolicyLossOutput:
-    """GSPO (arXiv 2507.18071, eq. (5)-(7)): ``max(-A s, -A clip(s, 1 - clip_low, 1 + clip_high))``.
+    """GSPO (arXiv 2507.18071, eq. (5)): ``max(-A s, -A clip(s, 1 - clip_low, 1 + clip_high))``.
 
     ``s(W) = exp(mean_t (log pi - log pi_old))`` is one ratio per response, placed on
     every token (``(B, R)``); its gradient is ``s(W) (1 / |W|) sum_t grad log pi``. With
@@ -127,7 +127,7 @@ def cispo(
     clip_high: float = 4.0,
     clip_low: float | None = None,
 ) -> PolicyLossOutput:
-    """CISPO (MiniMax-M1, arXiv 2506.13585, eq. (4)): ``-sg(clip(r, 1 - clip_low, 1 + clip_high)) A log pi``.
+    """CISPO (MiniMax-M1, arXiv 2506.13585): ``-sg(clip(r, 1 - clip_low, 1 + clip_high)) A log pi``.
 
     ``r = pi / pi_old`` per token; the clipped weight is a constant (stop-gradient), so
     no token loses its gradient (PPO's clip zeroes it), and the per-sample gradient is
@@ -172,7 +172,7 @@ def _return_to_go(batch: AdvantageInputs, centred: Tensor | None = None) -> Tens
 
 @register_advantage("reinforce_pp")
 def reinforce_pp(batch: AdvantageInputs, *, eps: float = 1e-8) -> Tensor:
-    """REINFORCE++ (arXiv 2501.03262, eq. (8)-(9)): return-to-go, normalised over the batch.
+    """REINFORCE++ (arXiv 2501.03262): return-to-go, normalised over the batch.
 
     ``A_t = (G_t - mean) / (std + eps)``, mean and std over every real token of the batch;
     ``G_t`` is the return-to-go of ``token_rewards`` when the batch has them (the paper
@@ -185,7 +185,7 @@ def reinforce_pp(batch: AdvantageInputs, *, eps: float = 1e-8) -> Tensor:
 
 @register_advantage("reinforce_pp_baseline")
 def reinforce_pp_baseline(batch: AdvantageInputs, *, eps: float = 1e-8) -> Tensor:
-    """REINFORCE++-baseline (arXiv 2501.03262, section 3.2): group mean, then batch std.
+    """REINFORCE++-baseline (arXiv 2501.03262): group mean, then batch std.
 
     ``A = (R_i - mean_group) / (std_batch + eps)``, the group mean including the sample
     (like GRPO, a ``(G - 1) / G`` shrinkage before the std), the std over every real token
@@ -340,7 +340,7 @@ def apply_behavior_correction(
 
 
 def overlong_penalty(lengths: Tensor, max_len: int, cache_len: int) -> Tensor:
-    """DAPO's soft overlong penalty (arXiv 2503.14476, eq. (13)), ``(B,)`` float.
+    """DAPO's soft overlong punishment (arXiv 2503.14476), ``(B,)`` float.
 
     0 for ``|W| <= max_len - cache_len``, ``(max_len - cache_len - |W|) / cache_len`` in
     the last ``cache_len`` tokens, -1 beyond ``max_len``. Added to ``RM(W)``: a reward

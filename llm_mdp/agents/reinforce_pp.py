@@ -1,8 +1,8 @@
 """REINFORCE++ (Hu et al., arXiv 2501.03262): REINFORCE with PPO's tricks and no critic.
 
 Token rewards ``-beta KL_t`` on every token plus ``RM(W)`` on the last one, return-to-go,
-then one normalisation over the whole batch (eq. (8)-(9)); PPO's clipped surrogate.
-``baseline="group"`` is REINFORCE++-baseline (section 3.2): ``G`` responses per prompt,
+then one normalisation over the whole batch; PPO's clipped surrogate.
+``baseline="group"`` is REINFORCE++-baseline: ``G`` responses per prompt,
 the group mean reward subtracted first, then the batch std. Both are biased for
 ``grad J`` by their data-dependent scale (``docs/estimators.md``); their fixed point is
 still the reward's optimum.
