@@ -93,7 +93,8 @@ class AgentConfig(OffPolicyFields):
         entropy_coef: bonus ``-coef * entropy`` in the loss (0: off, and the exact
             entropy is then not computed; the logged ``entropy`` is always the Monte
             Carlo estimate ``-mean log pi(w_t | s_t)`` over the sampled tokens).
-        temperature: sampling temperature of the rollout policy.
+        temperature: temperature of the trained policy ``pi`` (its sampling and its
+            log-probs); ``sampling_temperature`` samples from another one.
         checkpoint_every: save ``run_dir/checkpoint.pt`` every this many updates (0: only
             at the end of ``learn`` when ``run_dir`` is set).
     """

@@ -45,6 +45,9 @@ __all__ = [
 class OffPolicyFields:
     """Off-policy settings shared by every agent config.
 
+    Every rollout of an update (TRePO's value rollouts and ReMax's greedy one included)
+    runs under the behavior sampler; the update differentiates ``pi``.
+
     Attributes:
         sampling_temperature: temperature of the behavior sampler (``None``: the trained
             policy's ``temperature``, i.e. on-policy).
