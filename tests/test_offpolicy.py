@@ -27,7 +27,7 @@ def model() -> ExactModel:
 
 
 def covering_behaviors(model: ExactModel) -> list:
-    stale = TabularPolicy(4, EOS, 4, [(A,)], seed=7, init_scale=1.0)
+    stale = TabularPolicy(len(ACTIONS), EOS, 4, [(A,)], seed=7, init_scale=1.0)
     table = torch.rand(
         model.pi.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64
     )
@@ -127,7 +127,7 @@ def test_group_aggregate_matches_the_registry_aggregation() -> None:
 
 
 def test_kl_placements_follow_their_documented_gradients(model: ExactModel) -> None:
-    ref = TabularPolicy(4, EOS, 4, [(A,)], seed=11, init_scale=1.0)
+    ref = TabularPolicy(len(ACTIONS), EOS, 4, [(A,)], seed=11, init_scale=1.0)
     klm = KLModel(model, ref)
     for (name, placement), _ in KL_GRADIENTS.items():
         got = klm.moments(name, placement).mean
@@ -155,7 +155,7 @@ def test_gspo_and_cispo_on_policy_reduce_to_their_stated_estimators(model: Exact
 
 
 def test_dynamic_sampling_divides_the_expected_gradient_by_the_kept_probability() -> None:
-    pol = TabularPolicy(4, EOS, 4, [(A,)], seed=2, init_scale=1.0)
+    pol = TabularPolicy(len(ACTIONS), EOS, 4, [(A,)], seed=2, init_scale=1.0)
     m = ExactModel.from_functions(
         pol, [(A,)], ACTIONS, EOS, 4, length_cap="force-eos", reward=lambda p, r: float(A in r)
     )

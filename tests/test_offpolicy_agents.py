@@ -19,7 +19,7 @@ from llm_mdp.policies.sampling import truncate_log_probs
 from llm_mdp.tasks import Task, char_tokenizer
 from llm_mdp.theory import paper_setup
 from llm_mdp.theory.offpolicy import _keep_top
-from llm_mdp.theory.setups import EOS, A
+from llm_mdp.theory.setups import ACTIONS, EOS, A
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_agents import make_agent
@@ -156,4 +156,4 @@ def test_behavior_sampling_rejects_a_policy_without_truncation() -> None:
         behavior_sampling(Plain(), cfg),
     ):
         pass
-    assert TabularPolicy(4, EOS, 2, [(A,)], seed=0).top_p == 1.0
+    assert TabularPolicy(len(ACTIONS), EOS, 2, [(A,)], seed=0).top_p == 1.0

@@ -39,6 +39,7 @@ def test_offpolicy_losses_and_corrections_equal_trl(setup: dict[str, Any]) -> No
     for r in rows:
         assert r["loss_diff"] <= 1e-6 and r["grad_max_abs_diff"] <= 1e-6, r
         assert r["grad_max_abs"] > 1e-3, r  # a real gradient
+        assert r["advantage_max_abs"] > 0.1, r  # from the policy loss, not the KL alone
     by = {r["loss_type"]: r for r in rows}
     assert 0 < by["gspo"]["clipped_tokens"] < by["gspo"]["tokens"]  # both clip branches ran
     assert 0 < by["cispo"]["clipped_tokens"] < by["cispo"]["tokens"]

@@ -455,12 +455,13 @@ def _fixed_batch(
     gen = torch.Generator().manual_seed(seed)
     V = len(tok)
     target = tok.convert_tokens_to_ids(tt.target)
+    first = min(i for i in range(V) if i not in set(tok.all_special_ids))  # first character
     prompt_ids, completion_ids, texts = [], [], []
     for p, prompt in enumerate(tt.prompts):
         ids = tok(prompt, add_special_tokens=False).input_ids
         for g in range(group):
             n = int(torch.randint(1, length + 1, (1,), generator=gen))
-            toks = torch.randint(2, V, (n,), generator=gen).tolist()
+            toks = torch.randint(first, V, (n,), generator=gen).tolist()
             if p == 1:  # a group whose rewards are all 0: std 0, advantage 0
                 toks = [t if t != target else target + 1 for t in toks]
             if n < length or g % 2:  # EOS-terminated (at the cap too, on odd rows)
@@ -636,6 +637,7 @@ def compare_loss_type(
         "grad_max_abs": grad_scale,
         "logp_max_abs_diff": float((logp_o - logp_t)[m].abs().max()),
         "advantage_max_abs_diff": float((adv_o - adv_t[:, None].expand_as(adv_o))[m].abs().max()),
+        "advantage_max_abs": float(adv_o[m].abs().max()),
         "reward_max_abs_diff": float((rewards_o - torch.tensor(reward_t.last)).abs().max()),
         "clipped_tokens": int(
             ((ratio < 1 - epsilon) | (ratio > 1 + (epsilon_high or epsilon))).sum()
