@@ -535,3 +535,7 @@ def aggregate(
     if mode == "seq-mean-token-sum-norm":
         return x.sum() / (n * (m.shape[1] if max_len is None else max_len))
     return x.sum() / n
+
+
+# The off-policy and sequence-level estimators register themselves in the tables above.
+from llm_mdp import estimators_offpolicy as _offpolicy  # noqa: E402, F401

@@ -67,7 +67,7 @@ def test_bench_cli_tiny_runs_every_section(
 def test_grpo_loss_and_gradient_equal_trl_for_every_loss_type() -> None:
     from llm_mdp.bench.vs_trl import bench_numerics
 
-    res = bench_numerics(log=lambda *a: None)
+    res = bench_numerics(log=lambda *a: None, offpolicy=False)  # tests/test_offpolicy_trl.py
     assert [r["loss_type"] for r in res["rows"]] == list(LOSS_TYPES)
     for r in res["rows"]:
         assert r["loss_diff"] <= 1e-5, r

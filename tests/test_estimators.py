@@ -363,9 +363,12 @@ def test_aggregate_partition_invariance(mode):
 
 
 def test_registries_and_user_registration():
-    assert set(est.ADVANTAGE_ESTIMATORS) == {"reinforce", "rloo", "remax", "grpo", "gae", "trepo"}
+    assert set(est.ADVANTAGE_ESTIMATORS) == {
+        *("reinforce", "rloo", "remax", "grpo", "gae", "trepo"),
+        *("reinforce_pp", "reinforce_pp_baseline"),  # estimators_offpolicy
+    }
     assert set(est.KL_ESTIMATORS) == {"k1", "k2", "k3"}
-    assert set(est.POLICY_LOSSES) == {"vanilla", "ppo_clip"}
+    assert set(est.POLICY_LOSSES) == {"vanilla", "ppo_clip", "gspo", "cispo"}
     with pytest.raises(ValueError, match="unknown advantage estimator 'nope'; known: gae, grpo"):
         est.get_advantage_estimator("nope")
     with pytest.raises(ValueError, match="unknown KL estimator 'k4'; known: k1, k2, k3"):

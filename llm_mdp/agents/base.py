@@ -40,6 +40,14 @@ from gymnasium.vector import AutoresetMode
 from llm_mdp import distributed, fsdp
 from llm_mdp import estimators as est
 from llm_mdp.agents.logger import MetricsLogger
+from llm_mdp.agents.offpolicy import (
+    OffPolicyFields,
+    behavior_sampling,
+    correct_loss,
+    dynamic_sampling,
+    overlong,
+    prepare_behavior,
+)
 from llm_mdp.agents.rollout import Rollout, rollout
 from llm_mdp.agents.streams import stream_ids
 from llm_mdp.envs import LLMTokenVectorEnv
@@ -53,9 +61,10 @@ class TrainingError(RuntimeError):
 
 
 @dataclass
-class AgentConfig:
+class AgentConfig(OffPolicyFields):
     """Settings shared by every agent. Each agent's subclass overrides the defaults of
-    its own paper; every field is documented here or there.
+    its own paper; every field is documented here, there or in :class:`OffPolicyFields`
+    (behavior sampling, corrections, DAPO's filters).
 
     Attributes:
         seed: seeds prompt sampling, the policy's sampler and torch.
@@ -70,7 +79,7 @@ class AgentConfig:
         micro_batch_size: rows per forward/backward inside a minibatch (gradient
             accumulation; ``None`` = the whole minibatch). Changes memory, not the result:
             losses are normalized by the minibatch's global counts.
-        loss: registered policy loss, ``"vanilla"`` or ``"ppo_clip"``.
+        loss: registered policy loss: ``"vanilla"``, ``"ppo_clip"``, ``"gspo"``, ``"cispo"``.
         clip_low: PPO clip ``epsilon`` (lower side).
         clip_high: upper clip (``None`` = ``clip_low``; larger is DAPO's clip-higher).
         dual_clip: dual-clip constant ``c > 1`` for negative advantages (``None``: off).
@@ -85,7 +94,8 @@ class AgentConfig:
         entropy_coef: bonus ``-coef * entropy`` in the loss (0: off, and the exact
             entropy is then not computed; the logged ``entropy`` is always the Monte
             Carlo estimate ``-mean log pi(w_t | s_t)`` over the sampled tokens).
-        temperature: sampling temperature of the rollout policy.
+        temperature: temperature of the trained policy ``pi`` (its sampling and its
+            log-probs); ``sampling_temperature`` samples from another one.
         checkpoint_every: save ``run_dir/checkpoint.pt`` every this many updates (0: only
             at the end of ``learn`` when ``run_dir`` is set).
         parallel: ``"dp"`` (every rank a full replica; one process when not distributed)
@@ -126,6 +136,9 @@ class AgentConfig:
                 f"aggregation={self.aggregation!r}; known: {', '.join(est.AGGREGATION_MODES)}"
             )
         est.get_policy_loss(self.loss)
+        self.check_off_policy()
+        if self.dynamic_sampling and self.group_size < 2:
+            raise ValueError("dynamic_sampling needs group_size >= 2 (it filters groups)")
         est.get_kl_estimator(self.kl_estimator)
         if self.parallel not in fsdp.PARALLEL_MODES:
             raise ValueError(f"parallel={self.parallel!r}, expected one of {fsdp.PARALLEL_MODES}")
@@ -225,6 +238,7 @@ class Agent:
         self.tokens = 0
         self.episodes = 0  # every episode generated, value and greedy rollouts included
         self.history: list[dict[str, float]] = []
+        self.refill = 0  # dynamic sampling's extra batches within one update
 
     # ------------------------------------------------------------------ hooks
     def setup(self) -> None:
@@ -251,6 +265,11 @@ class Agent:
         """Episodes this agent's envs have ended so far (compute accounting); an agent
         that runs episodes in envs of its own adds them."""
         return self.env.episodes_finished
+
+    @property
+    def policy_loss_name(self) -> str:
+        """The registered policy loss the update uses (``config.loss``)."""
+        return self.config.loss
 
     @property
     def kl_in_advantages(self) -> bool:
@@ -285,7 +304,8 @@ class Agent:
         """Counter-based random streams for ``rows`` (default: this rank's global rows) in
         this update; ``kind`` separates main and value rollouts."""
         rows = self.global_rows if rows is None else rows
-        return stream_ids(self.config.seed, self.update, kind, rows=rows)
+        key = (self.config.seed, self.update, kind) + ((self.refill,) if self.refill else ())
+        return stream_ids(*key, rows=rows)
 
     def advantage_inputs(self, batch: Rollout, **kwargs: Any) -> est.AdvantageInputs:
         return est.AdvantageInputs(
@@ -301,8 +321,17 @@ class Agent:
         cfg = self.config
         t0 = time.perf_counter()
         episodes_before = self.episodes_run()
-        with fsdp.gathered(self.policy):  # sharded policy: full weights for decoding only
+        metrics: dict[str, float] = {}
+        # a sharded policy is gathered for decoding only; behavior sampling (temperature,
+        # top-k, top-p) is on for every rollout of the update
+        with fsdp.gathered(self.policy), behavior_sampling(self.policy, cfg):
             batch = self.collect()
+            overlong(cfg, batch, self.env.R)
+            if cfg.dynamic_sampling:
+                batch, ds_stats = dynamic_sampling(self, batch)
+                metrics |= ds_stats
+        if cfg.samples_off_policy or "behavior_logp" in batch.extras:
+            prepare_behavior(self, batch)
         t1 = time.perf_counter()
         mask = batch.response_mask
         if self.ref_policy is not None:
@@ -311,7 +340,6 @@ class Agent:
                     batch.input_ids, batch.attention_mask, batch.prompt_width
                 )
         adv = self.advantages(batch).to(torch.float32)
-        metrics: dict[str, float] = {}
         if self.ref_policy is not None:
             kl_tok = est.compute_kl(
                 cfg.kl_estimator, batch.sample_logp, batch.extras["ref_logp"], mask
@@ -445,16 +473,15 @@ class Agent:
         def agg(x: torch.Tensor, mode: str = cfg.aggregation) -> torch.Tensor:
             return est.aggregate(x, mask, mode, **counts)
 
+        name = self.policy_loss_name
         opts: dict[str, Any] = {}
-        if cfg.loss == "ppo_clip":
-            opts = {
-                "clip_low": cfg.clip_low,
-                "clip_high": cfg.clip_high,
-                "dual_clip": cfg.dual_clip,
-            }
-        out = est.get_policy_loss(cfg.loss)(
-            logp, mb.sample_logp, mb.extras["advantages"], mask, **opts
-        )
+        if name in ("ppo_clip", "gspo"):
+            opts = {"clip_low": cfg.clip_low, "clip_high": cfg.clip_high}
+        if name == "ppo_clip":
+            opts["dual_clip"] = cfg.dual_clip
+        opts |= cfg.loss_options
+        out = est.get_policy_loss(name)(logp, mb.sample_logp, mb.extras["advantages"], mask, **opts)
+        out = correct_loss(cfg, out, mb)
         pg_loss = agg(out.loss)
         loss = pg_loss
         stats = {"loss/policy": float(pg_loss.detach())}

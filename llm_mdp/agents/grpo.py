@@ -27,6 +27,10 @@ class GRPOConfig(AgentConfig):
     Attributes:
         std_scaling: ``"group"`` (GRPO), ``"batch"`` or ``"none"`` (Dr. GRPO).
         std_eps: added to the std before dividing.
+        importance_sampling_level: ``"token"`` (GRPO's per-token ratio) or ``"sequence"``:
+            GSPO (arXiv 2507.18071), the clipped surrogate on the length-normalised
+            sequence ratio (loss ``"gspo"`` with ``clip_low`` / ``clip_high``), as TRL
+            names it. Set the clip range GSPO needs (the paper: ``3e-4`` / ``4e-4``).
     """
 
     group_size: int = 8
@@ -37,12 +41,30 @@ class GRPOConfig(AgentConfig):
     kl_placement: Literal["reward", "loss"] = "loss"
     std_scaling: Literal["group", "batch", "none"] = "group"
     std_eps: float = 1e-6
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(
+                f"importance_sampling_level={self.importance_sampling_level!r}, "
+                "expected 'token' or 'sequence'"
+            )
+        if self.importance_sampling_level == "sequence" and self.loss != "ppo_clip":
+            raise ValueError(
+                f"importance_sampling_level='sequence' is GSPO's clipped surrogate; it "
+                f"replaces loss='ppo_clip', got loss={self.loss!r}"
+            )
 
 
 class GRPO(Agent):
     name = "grpo"
     config_class = GRPOConfig
     config: GRPOConfig
+
+    @property
+    def policy_loss_name(self) -> str:
+        return "gspo" if self.config.importance_sampling_level == "sequence" else self.config.loss
 
     def advantages(self, batch: Rollout) -> torch.Tensor:
         cfg = self.config

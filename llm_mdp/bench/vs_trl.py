@@ -455,12 +455,13 @@ def _fixed_batch(
     gen = torch.Generator().manual_seed(seed)
     V = len(tok)
     target = tok.convert_tokens_to_ids(tt.target)
+    first = min(i for i in range(V) if i not in set(tok.all_special_ids))  # first character
     prompt_ids, completion_ids, texts = [], [], []
     for p, prompt in enumerate(tt.prompts):
         ids = tok(prompt, add_special_tokens=False).input_ids
         for g in range(group):
             n = int(torch.randint(1, length + 1, (1,), generator=gen))
-            toks = torch.randint(2, V, (n,), generator=gen).tolist()
+            toks = torch.randint(first, V, (n,), generator=gen).tolist()
             if p == 1:  # a group whose rewards are all 0: std 0, advantage 0
                 toks = [t if t != target else target + 1 for t in toks]
             if n < length or g % 2:  # EOS-terminated (at the cap too, on odd rows)
@@ -501,6 +502,8 @@ def compare_loss_type(
     noise_old: float = 0.15,
     noise_ref: float = 0.3,
     ours_overrides: dict[str, Any] | None = None,
+    trl_attrs: dict[str, Any] | None = None,
+    behavior_noise: float | None = None,
 ) -> dict[str, Any]:
     """Loss and gradient of our GRPO and TRL's ``_compute_loss`` on one fixed batch.
 
@@ -513,6 +516,11 @@ def compare_loss_type(
     Our side: the same batch as a :class:`Rollout`, ``GRPO.advantages`` and
     ``GRPO.accumulate_gradients`` (the code ``train_step`` runs). ``ours_overrides``
     changes fields of our config only (a negative control: a mismatch must fail).
+    ``trl_attrs`` are set on TRL's trainer before it scores the batch (its
+    ``loss_type``, ``importance_sampling_level``, vLLM importance-sampling settings ...).
+    ``behavior_noise``: the completions were sampled by a behavior policy whose
+    log-probs are ``pi``'s plus this much Gaussian noise; TRL gets them as the sampler's
+    log-probs (``sampling_per_token_logps``), we as ``extras["behavior_logp"]``.
     """
     cfg = Matched(
         batch=len(tt.prompts) * group,
@@ -545,6 +553,9 @@ def compare_loss_type(
         logp0 = policy.log_probs(ids, mask, P)
     old = (logp0 + noise_old * torch.randn(B, L, generator=gen)) * resp_mask
     ref = (logp0 + noise_ref * torch.randn(B, L, generator=gen)) * resp_mask
+    behavior = None
+    if behavior_noise is not None:
+        behavior = (logp0 + behavior_noise * torch.randn(B, L, generator=gen)) * resp_mask
     rb = ResponseBatch(
         prompt_ids=prompt_ids,
         prompt_mask=torch.ones_like(prompt_ids),
@@ -562,7 +573,7 @@ def compare_loss_type(
         sample_logp=old,
         prompt_indices=torch.arange(B) // group,
         group_size=group,
-        extras={"ref_logp": ref},
+        extras={"ref_logp": ref} | ({} if behavior is None else {"behavior_logp": behavior}),
     )
     adv_o = agent.advantages(batch).float()
     batch.extras["advantages"] = adv_o
@@ -576,6 +587,10 @@ def compare_loss_type(
     # ---- TRL
     reward_t = tt.reward()
     trainer = make_trainer(folder, cfg, tt, reward_t, steps=1, device=cpu)
+    for name, value in (trl_attrs or {}).items():
+        if not hasattr(trainer, name):
+            raise AttributeError(f"TRL's GRPOTrainer has no attribute {name!r}")
+        setattr(trainer, name, value)
     model = trainer.model
     model.train()  # TRL's mode during training (dropout is 0 in these models)
     if not hasattr(trainer, "current_gradient_accumulation_steps"):
@@ -583,7 +598,10 @@ def compare_loss_type(
 
     def fixed_generate(prompts: list[Any]) -> tuple[Any, ...]:
         completions = tok.batch_decode(completion_rows, skip_special_tokens=True)
-        return prompt_rows, completion_rows, None, completions, None, {}, None, []
+        sampling = None
+        if behavior is not None:
+            sampling = [behavior[i, : len(c)].tolist() for i, c in enumerate(completion_rows)]
+        return prompt_rows, completion_rows, None, completions, sampling, {}, None, []
 
     trainer._generate = fixed_generate
     inputs = trainer._generate_and_score_completions([{"prompt": t} for t in prompt_texts])
@@ -619,6 +637,7 @@ def compare_loss_type(
         "grad_max_abs": grad_scale,
         "logp_max_abs_diff": float((logp_o - logp_t)[m].abs().max()),
         "advantage_max_abs_diff": float((adv_o - adv_t[:, None].expand_as(adv_o))[m].abs().max()),
+        "advantage_max_abs": float(adv_o[m].abs().max()),
         "reward_max_abs_diff": float((rewards_o - torch.tensor(reward_t.last)).abs().max()),
         "clipped_tokens": int(
             ((ratio < 1 - epsilon) | (ratio > 1 + (epsilon_high or epsilon))).sum()
@@ -626,6 +645,14 @@ def compare_loss_type(
         "tokens": int(m.sum()),
         "batch": B,
     }
+    if behavior is not None:  # the pi / mu ratios the correction saw (do they reach the cap?)
+        rho = torch.exp(logp0 - behavior)[m]
+        seq = torch.exp(((logp0 - behavior) * resp_mask).sum(1))
+        out |= {"behavior_token_ratio_max": float(rho.max())}
+        out |= {
+            "behavior_seq_ratio_max": float(seq.max()),
+            "behavior_seq_ratio_min": float(seq.min()),
+        }
     out["passed"] = bool(out["loss_diff"] <= 1e-5 and out["grad_max_abs_diff"] <= 1e-5)
     del trainer
     return out
@@ -639,9 +666,12 @@ def bench_numerics(
     n_prompts: int = 4,
     model_size: tuple[int, int] = (2, 32),
     seed: int = 0,
+    offpolicy: bool = True,
     log: Any = print,
 ) -> dict[str, Any]:
-    """:func:`compare_loss_type` for each loss type TRL and we both implement (CPU)."""
+    """:func:`compare_loss_type` for each loss type TRL and we both implement (CPU), then
+    (``offpolicy``) the GSPO, CISPO and importance-sampling rows of
+    :mod:`llm_mdp.bench.vs_trl_offpolicy`."""
     tt = text_task(length, n_prompts=n_prompts, seed=seed)
     rows = []
     with tempfile.TemporaryDirectory(prefix="llm-mdp-numerics-") as tmp, quiet():
@@ -656,6 +686,17 @@ def bench_numerics(
                 f"{'PASS' if r['passed'] else 'FAIL'}"
             )
             rows.append(r)
+        if offpolicy:
+            from llm_mdp.bench.vs_trl_offpolicy import compare_offpolicy_rows
+
+            for r in compare_offpolicy_rows(
+                folder=folder, tt=tt, group=group, length=length, seed=seed
+            ):
+                log(
+                    f"  numerics {r['loss_type']:<20}: |loss diff| {r['loss_diff']:.1e}, max |grad "
+                    f"diff| {r['grad_max_abs_diff']:.1e}: {'PASS' if r['passed'] else 'FAIL'}"
+                )
+                rows.append(r)
     return {
         "rows": rows,
         "passed": all(r["passed"] for r in rows),

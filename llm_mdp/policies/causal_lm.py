@@ -125,6 +125,7 @@ class CausalLMPolicy(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.temperature = float(temperature)
+        self.top_k, self.top_p = 0, 1.0  # sampling truncation (behavior policy)
         head = self.lm_head_size
         if vocab_size is not None and not 1 <= vocab_size <= head:
             raise ValueError(f"vocab_size={vocab_size} must be in [1, LM-head size {head}]")
@@ -335,6 +336,8 @@ class CausalLMPolicy(nn.Module):
             greedy=greedy,
             generator=self.generator,
             uniforms=uniforms,
+            top_k=self.top_k,
+            top_p=self.top_p,
         )
         new_state.actions = actions
         return actions, logp, new_state

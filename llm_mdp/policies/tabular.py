@@ -91,6 +91,7 @@ class TabularPolicy(nn.Module):
         self.horizon = int(horizon)
         self.prompts: list[tuple[int, ...]] = keys
         self.temperature = float(temperature)
+        self.top_k, self.top_p = 0, 1.0  # sampling truncation (behavior policy)
         self.prompt_width = prompt_width
         self._nodes: list[Node] = []
         for prompt in keys:
@@ -217,6 +218,8 @@ class TabularPolicy(nn.Module):
             greedy=greedy,
             generator=self.generator,
             uniforms=uniforms,
+            top_k=self.top_k,
+            top_p=self.top_p,
         )
         done = idx < 0
         actions = actions.masked_fill(done, self.eos_token_id)

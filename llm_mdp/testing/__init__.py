@@ -30,6 +30,8 @@ API
 * :func:`kl_report`, :func:`assert_kl_estimator` (``value="exact"|"second-order"``,
   ``placement=``, ``gradient=``).
 * :func:`assert_partition_invariant` (micro-batches with global counts).
+* Off-policy (``behavior=``): :func:`offpolicy_report`, :func:`assert_unbiased_offpolicy`,
+  :func:`assert_biased_offpolicy`; clipping: :func:`assert_clipped_surrogate`.
 """
 
 from llm_mdp.estimators import AdvantageInputs
@@ -44,6 +46,12 @@ from .gradients import (
 )
 from .kl import KLEstimator, KLReport, assert_kl_estimator, kl_report
 from .mdps import MDP_KINDS, loss_batch, reference_policy, small_mdp
+from .offpolicy import (
+    assert_biased_offpolicy,
+    assert_clipped_surrogate,
+    assert_unbiased_offpolicy,
+    offpolicy_report,
+)
 from .partition import LossFn, assert_partition_invariant, batch_counts
 
 __all__ = [
@@ -58,13 +66,17 @@ __all__ = [
     "KLReport",
     "LossFn",
     "assert_biased",
+    "assert_biased_offpolicy",
+    "assert_clipped_surrogate",
     "assert_kl_estimator",
     "assert_partition_invariant",
     "assert_unbiased",
+    "assert_unbiased_offpolicy",
     "batch_counts",
     "gradient_report",
     "kl_report",
     "loss_batch",
+    "offpolicy_report",
     "reference_policy",
     "small_mdp",
 ]

@@ -737,6 +737,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-groups", type=int, default=1_000_000,
                    help="enumerate up to this many ordered groups (default 1000000)")  # fmt: skip
     p.add_argument("--no-kl", action="store_true", help="skip the KL rows")
+    p.add_argument(
+        "--off-policy",
+        action="store_true",
+        help="the off-policy section instead (llm-mdp verify --off-policy --help)",
+    )
     p.add_argument("--plot", metavar="PATH", help="save the bias/variance plot (PNG)")
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     p.add_argument(
@@ -747,6 +752,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def verify_cli(argv: list[str] | None = None) -> int:
     """``llm-mdp verify``: print the table; 0 when every check passed, 1 otherwise, 2 on bad input."""
+    if argv and "--off-policy" in argv:  # its own section: llm_mdp.theory.offpolicy_report
+        from .offpolicy_report import offpolicy_cli
+
+        return offpolicy_cli([a for a in argv if a != "--off-policy"])
     args = _parser().parse_args(argv)
     try:
         if not 0.0 < args.gamma <= 1.0:
