@@ -13,7 +13,9 @@ TRePO          ``V_hat(s_{t+1}) - V_hat(s_t)`` by Monte Carlo      arXiv 2506.02
 """
 
 from llm_mdp.agents.base import Agent, AgentConfig, TrainingError
+from llm_mdp.agents.checkpoint import CheckpointError
 from llm_mdp.agents.grpo import GRPO, GRPOConfig
+from llm_mdp.agents.interrupt import TrainingInterrupted
 from llm_mdp.agents.ppo import PPO, PPOConfig
 from llm_mdp.agents.reinforce import REINFORCE, REINFORCEConfig
 from llm_mdp.agents.remax import ReMax, ReMaxConfig
@@ -40,6 +42,7 @@ __all__ = [
     "RLOO",
     "Agent",
     "AgentConfig",
+    "CheckpointError",
     "GRPOConfig",
     "PPOConfig",
     "REINFORCEConfig",
@@ -50,6 +53,7 @@ __all__ = [
     "TRePO",
     "TRePOConfig",
     "TrainingError",
+    "TrainingInterrupted",
     "get_agent",
     "rollout",
     "rollout_many",
