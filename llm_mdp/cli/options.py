@@ -231,13 +231,7 @@ def check_writable_dir(path: Path, flag: str) -> None:
     """``path`` is (or can be created as) a folder this process can write in."""
     if path.exists() and not path.is_dir():
         raise CLIError(f"{flag} {str(path)!r} exists and is not a folder")
-    parent = path
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise CLIError(f"{flag} {str(path)!r}: {str(parent)!r} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CLIError(f"{flag} {str(path)!r}: cannot write in {str(parent)!r} (permission denied)")
+    _check_parent(path, path, flag)
 
 
 def check_writable_file(path: Path, flag: str) -> None:
@@ -246,7 +240,20 @@ def check_writable_file(path: Path, flag: str) -> None:
         raise CLIError(f"{flag} {str(path)!r} is a folder, expected a file path")
     if path.exists() and not os.access(path, os.W_OK):
         raise CLIError(f"{flag} {str(path)!r}: the file is not writable")
-    check_writable_dir(path.parent, flag)
+    _check_parent(path.parent, path, flag)
+
+
+def _check_parent(folder: Path, shown: Path, flag: str) -> None:
+    """The nearest existing ancestor of ``folder`` is a folder we may write in."""
+    parent = folder
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CLIError(f"{flag} {str(shown)!r}: {str(parent)!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(
+            f"{flag} {str(shown)!r}: cannot write in {str(parent)!r} (permission denied)"
+        )
 
 
 def held_run_files(path: Path) -> list[str]:
