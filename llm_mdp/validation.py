@@ -162,20 +162,20 @@ def _match(value: Any, ann: Any) -> tuple[bool, Any]:
 
 
 def resolved_hints(obj: Callable[..., Any] | type) -> dict[str, Any]:
-    """Annotations of a class's fields or a function's parameters, resolved where possible.
+    """Annotations of a class's fields (its bases' too) or a function's parameters,
+    resolved where possible.
 
     Names that only exist for type checkers (``if TYPE_CHECKING:`` imports) resolve to
     ``Any`` instead of failing the whole lookup.
     """
-    target = obj.__init__ if isinstance(obj, type) and not dataclasses.is_dataclass(obj) else obj
     if isinstance(obj, type):
         raw: dict[str, Any] = {}
         for klass in reversed(obj.__mro__):
             raw |= getattr(klass, "__annotations__", {})
         globalns = vars(sys.modules[obj.__module__])
     else:
-        raw = dict(getattr(target, "__annotations__", {}))
-        globalns = getattr(target, "__globals__", {})
+        raw = dict(getattr(obj, "__annotations__", {}))
+        globalns = getattr(obj, "__globals__", {})
     out: dict[str, Any] = {}
     for name, ann in raw.items():
         if isinstance(ann, str):

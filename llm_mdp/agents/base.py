@@ -424,8 +424,9 @@ class Agent:
             return total_tokens is None or self.tokens < total_tokens
 
         settled = True  # the state is a whole number of updates, logged: safe to save
+        stop = StopOnSignal()
         try:
-            with StopOnSignal() as stop:
+            with stop:
                 while more():
                     settled = False
                     try:

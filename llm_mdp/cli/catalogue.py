@@ -11,8 +11,12 @@ import dataclasses
 import inspect
 import sys
 import textwrap
+from typing import TYPE_CHECKING
 
 from llm_mdp.validation import field_docs, resolved_hints, type_name
+
+if TYPE_CHECKING:
+    from llm_mdp.agents import Agent
 
 WIDTH = 100
 
@@ -49,7 +53,7 @@ def catalogue() -> str:
     return "\n".join(lines)
 
 
-def _describe(field: str, base: dict[str, object], agents: dict[str, type]) -> list[str]:
+def _describe(field: str, base: dict[str, object], agents: dict[str, type[Agent]]) -> list[str]:
     owners = [a for a in agents.values() if field in _defaults(a.config_class)]
     cls = owners[0].config_class
     hint = resolved_hints(cls).get(field)

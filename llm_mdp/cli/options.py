@@ -18,7 +18,7 @@ from llm_mdp.validation import Range, check_type
 
 TINY_LR = 2e-3  # learning rate of the tiny random models unless --lr or learning_rate is set
 TINY_MODELS = ("tiny-gpt2", "tiny-llama")
-DEFAULT_THREADS = 1  # see THREADS_HELP: measured on a busy 2-core machine
+DEFAULT_THREADS = 1  # measured on a busy 2-core machine: see THREADS_HELP in llm_mdp.cli
 
 DEFAULTS: dict[str, Any] = {
     "agent": "trepo",

@@ -147,7 +147,7 @@ def write_record(run_dir: Path, opts: dict[str, Any], agent: Any, *, resumed: bo
         record = opts | {"agent_config": dataclasses.asdict(agent.config)}
         (run_dir / "samples_before.txt").write_text(sample_table(agent))
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=list) + "\n")
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
     tmp.replace(path)
 
 
