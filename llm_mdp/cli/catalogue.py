@@ -13,6 +13,7 @@ import sys
 import textwrap
 from typing import TYPE_CHECKING
 
+from llm_mdp.cli.options import TINY_LR
 from llm_mdp.validation import field_docs, resolved_hints, type_name
 
 if TYPE_CHECKING:
@@ -42,7 +43,8 @@ def catalogue() -> str:
         lines.append(f"  {name:<15} {doc[0] if doc else cls.__name__}")
     lines.append(
         "\nagent config fields (--set FIELD=VALUE, values as JSON; a config file's "
-        "[agent_config] table):"
+        "[agent_config] table; with tiny-gpt2 / tiny-llama the CLI's learning_rate is "
+        f"{TINY_LR} unless --lr or --set gives one):"
     )
     base = {f.name: f.default for f in dataclasses.fields(AgentConfig)}
     seen: list[str] = list(base)
