@@ -39,12 +39,7 @@ from gymnasium.vector import AutoresetMode
 
 from llm_mdp import distributed
 from llm_mdp import estimators as est
-from llm_mdp.agents.checkpoint import (
-    CHECKPOINT_FORMAT,
-    CheckpointError,
-    check_matches,
-    read_checkpoint,
-)
+from llm_mdp.agents.checkpoint import CHECKPOINT_FORMAT, load_agent
 from llm_mdp.agents.config import AgentConfig
 from llm_mdp.agents.interrupt import StopOnSignal, TrainingInterrupted
 from llm_mdp.agents.logger import MetricsLogger
@@ -569,21 +564,7 @@ class Agent:
             CheckpointError: the file is missing, empty, truncated, not a checkpoint, or
                 belongs to another agent, task or model (the message names the file).
         """
-        state = read_checkpoint(path, map_location=policy.device)
-        check_matches(state, path, agent=cls.name, task=env.task.name, vocab_size=env.vocab_size)
-        try:
-            config = cls.config_class.from_dict(state["config"])
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint {str(path)!r}: bad config: {exc}") from None
-        agent = cls(env, policy, config, run_dir=run_dir)
-        try:
-            agent.load_state_dict(state)
-        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} does not fit this {cls.name} agent's model: {first}"
-            ) from None
-        return agent
+        return load_agent(cls, path, env, policy, run_dir=run_dir)
 
 
 def _ended_with_eos(batch: Rollout, eos_token_id: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "read_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "check_matches", "load_agent", "read_checkpoint"]
 
 CHECKPOINT_FORMAT = 1
 """Version of the checkpoint layout written by ``Agent.state_dict``."""
@@ -92,3 +92,34 @@ def check_matches(
         raise CheckpointError(
             f"{where} has a vocabulary of {state['vocab_size']} tokens, the env {vocab_size}"
         )
+
+
+def load_agent(
+    cls: Any,
+    path: str | os.PathLike[str],
+    env: Any,
+    policy: Any,
+    *,
+    run_dir: str | os.PathLike[str] | None = None,
+) -> Any:
+    """``cls.load``: read and check ``path``, build ``cls(env, policy, config)``, restore it.
+
+    Raises:
+        CheckpointError: the file is unreadable or not a checkpoint, belongs to another
+            agent, task or vocabulary, or its weights do not fit ``policy``'s model.
+    """
+    state = read_checkpoint(path, map_location=policy.device)
+    check_matches(state, path, agent=cls.name, task=env.task.name, vocab_size=env.vocab_size)
+    try:
+        config = cls.config_class.from_dict(state["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r}: bad config: {exc}") from None
+    agent = cls(env, policy, config, run_dir=run_dir)
+    try:
+        agent.load_state_dict(state)
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not fit this {cls.name} agent's model: {first}"
+        ) from None
+    return agent
