@@ -33,6 +33,7 @@ __all__ = [
     "cache_folder",
     "cache_root",
     "load_gguf",
+    "load_model",
     "load_smollm2",
     "smollm2_path",
 ]
@@ -215,6 +216,45 @@ def _save_atomically(model: Any, tok: Any, folder: Path) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model(name: str) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from a Hugging Face id, a local folder or a ``.gguf`` file.
+
+    The one place the command line loads pretrained models. A ``.gguf`` file goes
+    through :func:`load_gguf` (cached); anything else through ``transformers``'
+    ``from_pretrained``. The tokenizer gets a pad token (EOS) when it has none.
+
+    Raises:
+        FileNotFoundError: a local path (``./x``, ``/x``, ``~/x``, ``a/b/c`` or a
+            ``.gguf`` file) that does not exist.
+        ValueError: ``transformers`` cannot load it; the message is its first line.
+    """
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"model file {name!r} does not exist")
+        return load_gguf(path)
+    looks_local = name.startswith((".", "/", "~")) or (
+        os.sep in name and not _looks_like_hub_id(name)
+    )
+    if looks_local and not path.exists():
+        raise FileNotFoundError(f"model path {name!r} does not exist")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = str(path) if looks_local else name
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"cannot load model {name!r}: {first}") from None
+    return _finish(model, tok)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not Path(name).exists()
 
 
 def smollm2_path() -> Path:

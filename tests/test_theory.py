@@ -401,4 +401,4 @@ def test_verify_report_plot_and_cli(tmp_path, capsys):
     data = json.loads((tmp_path / "v.json").read_text())
     assert data["setup"]["gamma"] == 0.9 and len(data["rows"]) > 20 and len(data["kl"]) == 6
     assert verify_cli(["--gamma", "1.5"]) == 2
-    assert "--gamma must be in (0, 1]" in capsys.readouterr().err
+    assert "--gamma: expected a finite number in (0, 1], got 1.5" in capsys.readouterr().err

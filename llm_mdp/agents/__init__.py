@@ -14,7 +14,9 @@ REINFORCE++    return-to-go normalised over the batch              arXiv 2501.03
 """
 
 from llm_mdp.agents.base import Agent, AgentConfig, TrainingError
+from llm_mdp.agents.checkpoint import CheckpointError
 from llm_mdp.agents.grpo import GRPO, GRPOConfig
+from llm_mdp.agents.interrupt import TrainingInterrupted
 from llm_mdp.agents.ppo import PPO, PPOConfig
 from llm_mdp.agents.reinforce import REINFORCE, REINFORCEConfig
 from llm_mdp.agents.reinforce_pp import REINFORCEPP, REINFORCEPPConfig
@@ -45,6 +47,7 @@ __all__ = [
     "RLOO",
     "Agent",
     "AgentConfig",
+    "CheckpointError",
     "GRPOConfig",
     "PPOConfig",
     "REINFORCEConfig",
@@ -56,6 +59,7 @@ __all__ = [
     "TRePO",
     "TRePOConfig",
     "TrainingError",
+    "TrainingInterrupted",
     "get_agent",
     "rollout",
     "rollout_many",

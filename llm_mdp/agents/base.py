@@ -23,15 +23,15 @@ as is usual in RL fine-tuning, so rollout and training log-probs agree.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import os
 import random
+import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -39,9 +39,11 @@ from gymnasium.vector import AutoresetMode
 
 from llm_mdp import distributed, fsdp
 from llm_mdp import estimators as est
+from llm_mdp.agents.checkpoint import CHECKPOINT_FORMAT, load_agent
+from llm_mdp.agents.config import AgentConfig
+from llm_mdp.agents.interrupt import StopOnSignal, TrainingInterrupted
 from llm_mdp.agents.logger import MetricsLogger
 from llm_mdp.agents.offpolicy import (
-    OffPolicyFields,
     behavior_sampling,
     correct_loss,
     dynamic_sampling,
@@ -52,111 +54,13 @@ from llm_mdp.agents.rollout import Rollout, rollout
 from llm_mdp.agents.streams import stream_ids
 from llm_mdp.envs import LLMTokenVectorEnv
 from llm_mdp.policies import Policy
+from llm_mdp.validation import Range, check_type
 
 STREAM_MAIN, STREAM_VALUE = 0, 1  # kinds of random streams (see Agent.streams)
 
 
 class TrainingError(RuntimeError):
     """Training stopped (for example a reward function failed); the message says where."""
-
-
-@dataclass
-class AgentConfig(OffPolicyFields):
-    """Settings shared by every agent. Each agent's subclass overrides the defaults of
-    its own paper; every field is documented here, there or in :class:`OffPolicyFields`
-    (behavior sampling, corrections, DAPO's filters).
-
-    Attributes:
-        seed: seeds prompt sampling, the policy's sampler and torch.
-        group_size: responses per prompt ``G`` (contiguous rows); the env's ``num_envs``
-            must be a multiple of it. Prompts per update = ``num_envs / G``.
-        learning_rate: AdamW learning rate.
-        weight_decay: AdamW weight decay.
-        adam_betas: AdamW betas.
-        max_grad_norm: gradient-norm clip (``None``: no clipping).
-        epochs: passes over each batch (PPO's ``K`` epochs; GRPO's ``mu``).
-        minibatches: optimizer steps per epoch (the batch is split into this many).
-        micro_batch_size: rows per forward/backward inside a minibatch (gradient
-            accumulation; ``None`` = the whole minibatch). Changes memory, not the result:
-            losses are normalized by the minibatch's global counts.
-        loss: registered policy loss: ``"vanilla"``, ``"ppo_clip"``, ``"gspo"``, ``"cispo"``.
-        clip_low: PPO clip ``epsilon`` (lower side).
-        clip_high: upper clip (``None`` = ``clip_low``; larger is DAPO's clip-higher).
-        dual_clip: dual-clip constant ``c > 1`` for negative advantages (``None``: off).
-        aggregation: how per-token losses become a scalar (``llm_mdp.estimators``):
-            ``seq-mean-token-sum`` is the unbiased estimate of ``grad J``.
-        kl_coef: ``beta`` of the KL to a frozen reference copy of the initial policy
-            (0 = no reference model is kept).
-        kl_estimator: ``k1``, ``k2`` or ``k3`` (Schulman's estimators).
-        kl_placement: ``"reward"`` (``-beta * KL`` added to every token's return-to-go:
-            with ``k1`` an unbiased gradient of the reverse KL) or ``"loss"`` (``beta *
-            aggregate(KL)`` added to the loss, GRPO's choice with ``k3``).
-        entropy_coef: bonus ``-coef * entropy`` in the loss (0: off, and the exact
-            entropy is then not computed; the logged ``entropy`` is always the Monte
-            Carlo estimate ``-mean log pi(w_t | s_t)`` over the sampled tokens).
-        temperature: temperature of the trained policy ``pi`` (its sampling and its
-            log-probs); ``sampling_temperature`` samples from another one.
-        checkpoint_every: save ``run_dir/checkpoint.pt`` every this many updates (0: only
-            at the end of ``learn`` when ``run_dir`` is set).
-        parallel: ``"dp"`` (every rank a full replica; one process when not distributed)
-            or ``"fsdp"`` (models sharded over the ranks, sharded checkpoints in
-            ``run_dir/checkpoint/``; :mod:`llm_mdp.fsdp`).
-        mixed_precision: with ``"fsdp"``: bfloat16 compute, float32 reductions and
-            AdamW state (updates then equal float32 ones only approximately).
-    """
-
-    seed: int = 0
-    group_size: int = 1
-    learning_rate: float = 1e-5
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    max_grad_norm: float | None = 1.0
-    epochs: int = 1
-    minibatches: int = 1
-    micro_batch_size: int | None = None
-    loss: str = "vanilla"
-    clip_low: float = 0.2
-    clip_high: float | None = None
-    dual_clip: float | None = None
-    aggregation: str = "seq-mean-token-sum"
-    kl_coef: float = 0.0
-    kl_estimator: str = "k1"
-    kl_placement: Literal["reward", "loss"] = "reward"
-    entropy_coef: float = 0.0
-    temperature: float = 1.0
-    checkpoint_every: int = 0
-    parallel: str = "dp"
-    mixed_precision: bool = False
-
-    def __post_init__(self) -> None:
-        if self.kl_placement not in ("reward", "loss"):
-            raise ValueError(f"kl_placement={self.kl_placement!r}, expected 'reward' or 'loss'")
-        if self.aggregation not in est.AGGREGATION_MODES:
-            raise ValueError(
-                f"aggregation={self.aggregation!r}; known: {', '.join(est.AGGREGATION_MODES)}"
-            )
-        est.get_policy_loss(self.loss)
-        self.check_off_policy()
-        if self.dynamic_sampling and self.group_size < 2:
-            raise ValueError("dynamic_sampling needs group_size >= 2 (it filters groups)")
-        est.get_kl_estimator(self.kl_estimator)
-        if self.parallel not in fsdp.PARALLEL_MODES:
-            raise ValueError(f"parallel={self.parallel!r}, expected one of {fsdp.PARALLEL_MODES}")
-        if self.mixed_precision and self.parallel != "fsdp":
-            raise ValueError("mixed_precision=True needs parallel='fsdp'")
-        for name in ("epochs", "minibatches", "group_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}, expected >= 1")
-        self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> AgentConfig:
-        """Build from a plain dict (a config file); unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(names)}")
-        return cls(**d)
 
 
 class Agent:
@@ -520,11 +424,21 @@ class Agent:
         Targets are absolute, so a loaded checkpoint continues the same run. With a
         ``run_dir``, metrics go to ``metrics.csv`` (and TensorBoard when installed) and
         a checkpoint is written atomically every ``checkpoint_every`` updates and at the
-        end. Returns this call's metrics. If a reward function fails, training stops with
-        :class:`TrainingError`; the last checkpoint is left as it was.
+        end; an agent loaded from a checkpoint drops the folder's metric rows past its
+        update before logging, so no update is logged twice. Returns this call's metrics.
+
+        Ctrl-C or SIGTERM finishes the running update, saves a checkpoint and raises
+        :class:`~llm_mdp.agents.interrupt.TrainingInterrupted` (a ``KeyboardInterrupt``);
+        so does a ``KeyboardInterrupt`` raised by ``callback``. If a reward function
+        fails, training stops with :class:`TrainingError`; the last checkpoint is left
+        as it was.
         """
         if total_updates is None and total_tokens is None:
             raise ValueError("give total_updates or total_tokens")
+        for name, value in (("total_updates", total_updates), ("total_tokens", total_tokens)):
+            if value is not None:
+                check_type(name, value, int)
+                Range(0).check(name, value)
         logger = MetricsLogger(
             self.run_dir,
             progress=progress and self.dist.is_main,
@@ -539,29 +453,49 @@ class Agent:
                 return False
             return total_tokens is None or self.tokens < total_tokens
 
+        settled = True  # the state is a whole number of updates, logged: safe to save
+        stop = StopOnSignal()
         try:
-            while more():
-                try:
-                    m = self.train_step()
-                except Exception as exc:
-                    ckpt = self.checkpoint_path
-                    where = f"; last checkpoint: {ckpt}" if ckpt and ckpt.exists() else ""
-                    raise TrainingError(
-                        f"{self.name}: training stopped in update {self.update + 1}: {exc}{where}"
-                    ) from exc
-                self.history.append(m)
-                out.append(m)
-                logger.log(m)
-                if callback is not None:
-                    callback(self, m)
-                every = self.config.checkpoint_every
-                if self.checkpoint_path and every and self.update % every == 0:
-                    self.save(self.checkpoint_path)
+            with stop:
+                while more():
+                    settled = False
+                    try:
+                        m = self.train_step()
+                    except Exception as exc:
+                        ckpt = self.checkpoint_path
+                        where = f"; last checkpoint: {ckpt}" if ckpt and ckpt.exists() else ""
+                        raise TrainingError(
+                            f"{self.name}: training stopped in update {self.update + 1}: "
+                            f"{exc}{where}"
+                        ) from exc
+                    self.history.append(m)
+                    out.append(m)
+                    logger.log(m)
+                    settled = True
+                    if callback is not None:
+                        callback(self, m)
+                    every = self.config.checkpoint_every
+                    if self.checkpoint_path and every and self.update % every == 0:
+                        self.save(self.checkpoint_path)
+                    if self._stop_requested(stop):
+                        raise KeyboardInterrupt
             if self.checkpoint_path and out:
                 self.save(self.checkpoint_path)
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, TrainingInterrupted):
+                raise
+            saved = self.save(self.checkpoint_path) if settled and self.checkpoint_path else None
+            raise TrainingInterrupted(
+                self.update, saved, stop.signum or int(signal.SIGINT)
+            ) from None
         finally:
             logger.close()
         return out
+
+    def _stop_requested(self, stop: StopOnSignal) -> bool:
+        """Whether a signal asked to stop, on any rank (every rank stops at the same update)."""
+        flag = torch.tensor([float(stop.signum is not None)], device=self.device)
+        return bool(self.dist.all_reduce(flag, "max").item())
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -588,8 +522,10 @@ class Agent:
     def state_dict(self) -> dict[str, Any]:
         gen = getattr(self.policy, "generator", None)
         return {
-            "format": 1,
+            "format": CHECKPOINT_FORMAT,
             "agent": self.name,
+            "task": self.env.task.name,
+            "vocab_size": self.env.vocab_size,
             "config": asdict(self.config),
             "modules": {k: m.state_dict() for k, m in self.modules.items()},
             "ref_policy": None
@@ -667,26 +603,15 @@ class Agent:
         ``env`` and ``policy`` must be built as for the original run (same task and
         model architecture); the policy's weights are replaced by the checkpoint's. A
         sharded checkpoint (a folder) loads at any world size; ``parallel`` overrides the
-        saved mode (e.g. ``"dp"`` to resume an FSDP run in one process).
+        saved mode (e.g. ``"dp"`` to resume an FSDP run in one process). With ``run_dir``
+        (usually the run's own folder), :meth:`learn` continues its ``metrics.csv`` after
+        the checkpoint's update.
+
+        Raises:
+            CheckpointError: the file is missing, empty, truncated, not a checkpoint, or
+                belongs to another agent, task or model (the message names the file).
         """
-        sharded = Path(path).is_dir()
-        state = (
-            fsdp.read_meta(path)
-            if sharded
-            else torch.load(Path(path), map_location=policy.device, weights_only=False)
-        )
-        config = cls.config_class.from_dict(state["config"])
-        if parallel == "fsdp" and not sharded:
-            raise ValueError(f"{str(path)!r} is a single-file checkpoint: load it with 'dp'")
-        if parallel is not None:
-            mp = config.mixed_precision and parallel == "fsdp"
-            config = dataclasses.replace(config, parallel=parallel, mixed_precision=mp)
-        agent = cls(env, policy, config, run_dir=run_dir)
-        if sharded:
-            fsdp.load_checkpoint(agent, path)
-            return agent
-        agent.load_state_dict(state)
-        return agent
+        return load_agent(cls, path, env, policy, run_dir=run_dir, parallel=parallel)
 
 
 def _ended_with_eos(batch: Rollout, eos_token_id: int) -> torch.Tensor:

@@ -11,13 +11,14 @@ per-group learning rate). Dr. GRPO (arXiv 2503.20783) is ``std_scaling="none"`` 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
 from llm_mdp import estimators as est
 from llm_mdp.agents.base import Agent, AgentConfig
 from llm_mdp.agents.rollout import Rollout
+from llm_mdp.validation import Range
 
 
 @dataclass
@@ -55,6 +56,8 @@ class GRPOConfig(AgentConfig):
                 f"importance_sampling_level='sequence' is GSPO's clipped surrogate; it "
                 f"replaces loss='ppo_clip', got loss={self.loss!r}"
             )
+
+    field_ranges: ClassVar[dict[str, Range]] = AgentConfig.field_ranges | {"std_eps": Range(0)}
 
 
 class GRPO(Agent):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from torch import nn
 from llm_mdp import estimators as est
 from llm_mdp.agents.base import Agent, AgentConfig
 from llm_mdp.agents.rollout import Rollout
+from llm_mdp.validation import Range
 
 
 class ValueModel(nn.Module):
@@ -83,6 +85,13 @@ class PPOConfig(AgentConfig):
     vf_coef: float = 0.1
     value_clip: float = 0.2
     whiten_advantages: bool = True
+
+    field_ranges: ClassVar[dict[str, Range]] = AgentConfig.field_ranges | {
+        "gamma": Range(0, 1, low_open=True),
+        "lam": Range(0, 1),
+        "vf_coef": Range(0),
+        "value_clip": Range(0, low_open=True),
+    }
 
 
 class PPO(Agent):

@@ -12,13 +12,14 @@ option here is an exponential moving average of past batches' mean reward.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from llm_mdp import estimators as est
 from llm_mdp.agents.base import Agent, AgentConfig
 from llm_mdp.agents.rollout import Rollout
+from llm_mdp.validation import Range
 
 
 @dataclass
@@ -33,6 +34,10 @@ class REINFORCEConfig(AgentConfig):
 
     baseline: Literal["none", "ema"] = "none"
     baseline_decay: float = 0.9
+
+    field_ranges: ClassVar[dict[str, Range]] = AgentConfig.field_ranges | {
+        "baseline_decay": Range(0, 1)
+    }
 
 
 class REINFORCE(Agent):

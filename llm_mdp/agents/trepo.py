@@ -24,7 +24,7 @@ Reconstructed choices (the paper states the idea, not these details), each an op
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ import torch
 from llm_mdp import estimators as est
 from llm_mdp.agents.base import STREAM_VALUE, Agent, AgentConfig
 from llm_mdp.agents.rollout import EnvPool, Rollout, rollout_prefixes
+from llm_mdp.validation import Range
 
 
 @dataclass
@@ -60,18 +61,19 @@ class TRePOConfig(AgentConfig):
     value_estimates: Literal["shared", "fresh"] = "shared"
     value_batch_size: int | None = None
 
+    field_ranges: ClassVar[dict[str, Range]] = AgentConfig.field_ranges | {
+        "num_anchors": Range(1),
+        "rollouts_per_prefix": Range(1),
+        "value_batch_size": Range(1),
+    }
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.group_size < 2:
             raise ValueError(
-                "TRePO estimates V(s_1) from the prompt's other responses: group_size >= 2"
+                f"group_size={self.group_size}: expected an integer >= 2 (TRePO estimates "
+                "V(s_1) from the prompt's other responses)"
             )
-        if self.num_anchors is not None and self.num_anchors < 1:
-            raise ValueError(f"num_anchors={self.num_anchors}, expected >= 1 or None (all)")
-        if self.rollouts_per_prefix < 1:
-            raise ValueError(f"rollouts_per_prefix={self.rollouts_per_prefix}, expected >= 1")
-        if self.value_batch_size is not None and self.value_batch_size < 1:
-            raise ValueError(f"value_batch_size={self.value_batch_size}, expected >= 1 or None")
 
 
 class TRePO(Agent):

@@ -32,12 +32,20 @@ from typing import Any
 SECTIONS = ("rollout", "update", "numerics", "memory", "scaling", "trepo")
 
 
+DESCRIPTION = (
+    "Benchmarks against model.generate, TRL's GRPOTrainer, and memory of PPO / GRPO / "
+    "TRePO; prints a table of ratios."
+)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="llm-mdp bench",
-        description="Benchmarks against model.generate, TRL's GRPOTrainer, and memory of "
-        "PPO / GRPO / TRePO; prints a table of ratios.",
-    )
+    p = argparse.ArgumentParser(prog="llm-mdp bench", description=DESCRIPTION)
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``llm-mdp bench`` (the CLI's subcommand parser calls this too)."""
     size = p.add_mutually_exclusive_group()
     size.add_argument(
         "--quick", action="store_true", help="smaller sizes and repeats (CPU, < ~5 min)"
@@ -58,7 +66,6 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         help="torch threads (default 1: peers compared on equal footing on a shared machine)",
     )
-    return p
 
 
 def run_bench(
@@ -405,10 +412,14 @@ def write_outputs(res: dict[str, Any], out: Path, command: str) -> list[Path]:
 
 def bench_cli(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``llm-mdp bench ARGS``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_cli(_parser().parse_args(argv), argv)
+
+
+def run_cli(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run ``llm-mdp bench`` with parsed ``args`` (``argv`` is recorded in the report)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown or not sections:

@@ -11,11 +11,10 @@ figure of the last two. Theory: ``docs/theory.md#off-policy``, ``docs/estimators
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
-import sys
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +31,9 @@ __all__ = [
     "OffPolicyRow",
     "format_offpolicy_report",
     "offpolicy_checks",
-    "offpolicy_cli",
     "offpolicy_specs",
     "plot_offpolicy",
+    "run_offpolicy",
     "stale_policy",
     "standard_behaviors",
     "verify_offpolicy",
@@ -284,30 +283,30 @@ def offpolicy_checks(rep: OffPolicyReport, tol: float = 1e-9) -> dict[str, bool]
     }
 
 
-def offpolicy_cli(argv: Sequence[str] | None = None) -> int:
-    """``llm-mdp verify --off-policy``: print the tables; 0 when every check passed."""
-    parser = argparse.ArgumentParser(prog="llm-mdp verify --off-policy")
-    parser.add_argument("--policy", default="tabular", help="tabular, gpt2 or llama")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--horizon", type=int, default=4)
-    parser.add_argument("--plot", default=None, help="write the figure to this path")
-    parser.add_argument("--json", default=None, help="write the report to this path")
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    try:
-        model = paper_setup(policy=args.policy, seed=args.seed, horizon=args.horizon)
-        rep = verify_offpolicy(model)
-    except ValueError as err:
-        print(f"llm-mdp verify --off-policy: error: {err}", file=sys.stderr)
-        return 2
+def run_offpolicy(
+    *,
+    policy: str = "tabular",
+    seed: int = 0,
+    horizon: int = 4,
+    plot: str | os.PathLike[str] | None = None,
+    json_path: str | os.PathLike[str] | None = None,
+) -> int:
+    """``llm-mdp verify --off-policy``: print the tables; 0 when every check passed.
+
+    Raises:
+        ValueError: a bad set-up (the CLI prints it as one line and exits 2).
+    """
+    model = paper_setup(policy=policy, seed=seed, horizon=horizon)
+    rep = verify_offpolicy(model)
     print(format_offpolicy_report(rep))
     checks = offpolicy_checks(rep)
     print()
     for what, ok in checks.items():
         print(f"{'PASS' if ok else 'FAIL'}  {what}")
-    if args.plot:
-        print(f"plot: {plot_offpolicy(rep, args.plot)}")
-    if args.json:
-        path = Path(args.json)
+    if plot:
+        print(f"plot: {plot_offpolicy(rep, Path(plot))}")
+    if json_path:
+        path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         data = {
             "setup": rep.setup,

@@ -11,9 +11,7 @@ one generically), the aggregation modes and the KL estimators, and returns a
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -31,8 +29,7 @@ from llm_mdp import estimators as est
 
 from .exact import ALL_EXACT, EstimatorSpec, ExactModel, GradientMoments, InputSpec
 from .kl import KLRow, kl_rows
-from .setups import POLICY_KINDS, make_policy, paper_setup
-from .tree import LENGTH_CAPS
+from .setups import make_policy, paper_setup
 
 __all__ = [
     "EstimatorRow",
@@ -713,77 +710,8 @@ def plot_bias_variance(rows: Sequence[EstimatorRow] | VerifyReport, path: str | 
 # ----------------------------------------------------------------------------- CLI
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="llm-mdp verify",
-        description="Check every policy-gradient estimator against the exact gradient of a "
-        "small policy (paper-notes section 5 set-up).",
-    )
-    p.add_argument("--gamma", type=float, default=1.0, help="discount in (0, 1] (default 1)")
-    p.add_argument("--horizon", type=int, default=4, help="most tokens per response (default 4)")
-    p.add_argument("--length-cap", choices=LENGTH_CAPS, default="force-eos",
-                   help="force-eos: every response ends with EOS within H tokens (15 "
-                        "responses for H=4, the notes' set-up); env: the env's rule, a capped "
-                        "response has no EOS (31)")  # fmt: skip
-    p.add_argument(
-        "--group-size", type=int, default=4, help="G of the group estimators (default 4)"
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of rewards and policy (default 0)")
-    p.add_argument(
-        "--policy", choices=POLICY_KINDS, default="tabular", help="policy (default tabular)"
-    )
-    p.add_argument("--mc-samples", type=int, default=20_000,
-                   help="Monte Carlo draws where groups are too many to enumerate (default 20000)")  # fmt: skip
-    p.add_argument("--max-groups", type=int, default=1_000_000,
-                   help="enumerate up to this many ordered groups (default 1000000)")  # fmt: skip
-    p.add_argument("--no-kl", action="store_true", help="skip the KL rows")
-    p.add_argument(
-        "--off-policy",
-        action="store_true",
-        help="the off-policy section instead (llm-mdp verify --off-policy --help)",
-    )
-    p.add_argument("--plot", metavar="PATH", help="save the bias/variance plot (PNG)")
-    p.add_argument("--json", metavar="PATH", help="write the rows as JSON")
-    p.add_argument(
-        "--plain", action="store_true", help="plain-text table even when rich is installed"
-    )
-    return p
-
-
 def verify_cli(argv: list[str] | None = None) -> int:
-    """``llm-mdp verify``: print the table; 0 when every check passed, 1 otherwise, 2 on bad input."""
-    if argv and "--off-policy" in argv:  # its own section: llm_mdp.theory.offpolicy_report
-        from .offpolicy_report import offpolicy_cli
+    """``llm-mdp verify ARGS`` (its options and checks live in :mod:`llm_mdp.cli.verify`)."""
+    from llm_mdp.cli import main
 
-        return offpolicy_cli([a for a in argv if a != "--off-policy"])
-    args = _parser().parse_args(argv)
-    try:
-        if not 0.0 < args.gamma <= 1.0:
-            raise ValueError(f"--gamma must be in (0, 1], got {args.gamma}")
-        if args.group_size < 1:
-            raise ValueError(f"--group-size must be >= 1, got {args.group_size}")
-        if args.mc_samples < 2:
-            raise ValueError(f"--mc-samples must be >= 2, got {args.mc_samples}")
-        report = verify(
-            gamma=args.gamma,
-            horizon=args.horizon,
-            length_cap=args.length_cap,
-            group_size=args.group_size,
-            seed=args.seed,
-            policy=args.policy,
-            mc_samples=args.mc_samples,
-            max_groups=args.max_groups,
-            kl=not args.no_kl,
-        )
-    except ValueError as err:
-        print(f"llm-mdp verify: error: {err}", file=sys.stderr)
-        return 2
-    print_report(report, plain=args.plain)
-    if args.plot:
-        print(f"plot: {plot_bias_variance(report, args.plot)}")
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report.to_dict(), indent=2))
-        print(f"json: {path}")
-    return 0 if report.passed else 1
+    return main(["verify", *(sys.argv[1:] if argv is None else argv)])

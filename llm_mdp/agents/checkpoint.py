@@ -1,0 +1,147 @@
+"""Reading agent checkpoints back, with errors that name the file and what is wrong.
+
+A checkpoint (``Agent.save``) is a ``torch.save`` dict of plain containers and tensors
+(weights, optimizer, counters, RNG states, metrics history), so it is read with
+``weights_only=True``: loading one never runs code from the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "check_matches", "load_agent", "read_checkpoint"]
+
+CHECKPOINT_FORMAT = 1
+"""Version of the checkpoint layout written by ``Agent.state_dict``."""
+
+_KEYS = ("agent", "config", "modules", "optimizer", "counters", "history", "rng", "extra")
+_COUNTERS = ("update", "samples", "tokens", "episodes")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, or belongs to another agent or task."""
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str], *, map_location: str | torch.device | None = "cpu"
+) -> dict[str, Any]:
+    """Load and sanity-check ``path``; :class:`CheckpointError` names the file and the problem.
+
+    Checks that the file exists and is not empty, that torch can read it (a truncated
+    or corrupt file fails here), and that it is an llm-mdp agent checkpoint of the
+    current format with non-negative integer counters.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {str(p)!r} is not a file")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {str(p)!r} is empty (0 bytes)")
+    try:
+        state = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise CheckpointError(
+            f"checkpoint {str(p)!r} cannot be read (truncated or not a torch file): {first}"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"checkpoint {str(p)!r} holds a {type(state).__name__}, expected an llm-mdp "
+            "agent checkpoint (a dict written by Agent.save)"
+        )
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"checkpoint {str(p)!r} has format {state.get('format')!r}, expected "
+            f"{CHECKPOINT_FORMAT} (an llm-mdp agent checkpoint written by Agent.save)"
+        )
+    missing = [k for k in _KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(p)!r} lacks the key(s) {missing}")
+    counters = state["counters"]
+    bad = [
+        k
+        for k in _COUNTERS
+        if not isinstance(counters, dict)
+        or not isinstance(counters.get(k), int)
+        or isinstance(counters.get(k), bool)
+        or counters[k] < 0
+    ]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {str(p)!r}: counter(s) {bad} missing or not non-negative integers"
+        )
+    return state
+
+
+def check_matches(
+    state: dict[str, Any], path: str | os.PathLike[str], *, agent: str, task: str, vocab_size: int
+) -> None:
+    """Raise :class:`CheckpointError` when ``state`` was written for another agent, task
+    or vocabulary than the one loading it."""
+    where = f"checkpoint {str(path)!r}"
+    if state["agent"] != agent:
+        raise CheckpointError(f"{where} is for agent {state['agent']!r}, not {agent!r}")
+    if "task" in state and state["task"] != task:
+        raise CheckpointError(f"{where} is for task {state['task']!r}, not {task!r}")
+    if "vocab_size" in state and state["vocab_size"] != vocab_size:
+        raise CheckpointError(
+            f"{where} has a vocabulary of {state['vocab_size']} tokens, the env {vocab_size}"
+        )
+
+
+def load_agent(
+    cls: Any,
+    path: str | os.PathLike[str],
+    env: Any,
+    policy: Any,
+    *,
+    run_dir: str | os.PathLike[str] | None = None,
+    parallel: str | None = None,
+) -> Any:
+    """``cls.load``: read and check ``path``, build ``cls(env, policy, config)``, restore it.
+
+    ``path`` is a single-file checkpoint or a sharded one (a folder written under FSDP,
+    :mod:`llm_mdp.fsdp`); ``parallel`` overrides the saved ``"dp"`` / ``"fsdp"`` mode.
+
+    Raises:
+        CheckpointError: the file is unreadable or not a checkpoint, belongs to another
+            agent, task or vocabulary, or its weights do not fit ``policy``'s model.
+    """
+    from llm_mdp import fsdp
+
+    sharded = Path(path).is_dir()
+    if sharded:
+        try:
+            state = fsdp.read_meta(path)
+        except Exception as exc:
+            raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {exc}") from None
+    else:
+        state = read_checkpoint(path, map_location=policy.device)
+    check_matches(state, path, agent=cls.name, task=env.task.name, vocab_size=env.vocab_size)
+    try:
+        config = cls.config_class.from_dict(state["config"])
+        if parallel == "fsdp" and not sharded:
+            raise ValueError("a single-file checkpoint loads with parallel='dp'")
+        if parallel is not None:
+            mp = config.mixed_precision and parallel == "fsdp"
+            config = dataclasses.replace(config, parallel=parallel, mixed_precision=mp)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r}: bad config: {exc}") from None
+    agent = cls(env, policy, config, run_dir=run_dir)
+    if sharded:
+        fsdp.load_checkpoint(agent, path)
+        return agent
+    try:
+        agent.load_state_dict(state)
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not fit this {cls.name} agent's model: {first}"
+        ) from None
+    return agent
