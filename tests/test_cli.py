@@ -116,7 +116,7 @@ def test_user_error_from_a_real_process_has_no_traceback(tmp_path: Path) -> None
     proc = run_cli("train", "--agent", "nope", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "llm-mdp: error: unknown agent 'nope'; known agents: reinforce, rloo, remax, grpo, ppo, trepo"
+        "llm-mdp: error: unknown agent 'nope'; known agents: reinforce, rloo, remax, grpo, ppo, trepo, reinforce_pp"
     ]
 
 
