@@ -25,11 +25,9 @@ from __future__ import annotations
 import copy
 import math
 import os
-import random
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -39,7 +37,7 @@ from gymnasium.vector import AutoresetMode
 
 from llm_mdp import distributed, fsdp
 from llm_mdp import estimators as est
-from llm_mdp.agents.checkpoint import CHECKPOINT_FORMAT, load_agent
+from llm_mdp.agents.checkpoint import agent_state, load_agent, restore_agent
 from llm_mdp.agents.config import AgentConfig
 from llm_mdp.agents.interrupt import StopOnSignal, TrainingInterrupted
 from llm_mdp.agents.logger import MetricsLogger
@@ -54,6 +52,7 @@ from llm_mdp.agents.rollout import Rollout, rollout
 from llm_mdp.agents.streams import stream_ids
 from llm_mdp.envs import LLMTokenVectorEnv
 from llm_mdp.policies import Policy
+from llm_mdp.policies.base import match_action_set
 from llm_mdp.validation import Range, check_type
 
 STREAM_MAIN, STREAM_VALUE = 0, 1  # kinds of random streams (see Agent.streams)
@@ -111,7 +110,7 @@ class Agent:
                 f"vocabulary mismatch: the policy has {policy.vocab_size} actions, the env's "
                 f"tokenizer {env.vocab_size}; build the policy for this task's tokenizer"
             )
-        _match_action_sets(env, policy)
+        match_action_set(policy, env.tokenizer, env.action_mask, env.task.name)
         if fsdp.is_sharded(self._as_module(policy)):
             raise ValueError("this policy is already sharded (by another agent): build a new one")
         self.env, self.policy = env, policy
@@ -274,7 +273,9 @@ class Agent:
                 "reward/max": float(r.max()),
                 "reward/min": float(r.min()),
                 "response/length": float(mask.sum(-1).float().mean()),
-                "response/eos_frac": float(_ended_with_eos(batch, self.env.eos_token_id).mean()),
+                "response/eos_frac": float(
+                    batch.ended_with_eos(self.env.eos_token_id).float().mean()
+                ),
                 "advantage/mean": float((adv * mask).sum() / mask.sum().clamp(min=1)),
                 **metrics,
                 "time/rollout": t1 - t0,
@@ -520,33 +521,8 @@ class Agent:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        gen = getattr(self.policy, "generator", None)
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "agent": self.name,
-            "task": self.env.task.name,
-            "vocab_size": self.env.vocab_size,
-            "config": asdict(self.config),
-            "modules": {k: m.state_dict() for k, m in self.modules.items()},
-            "ref_policy": None
-            if self.ref_policy is None
-            else self._as_module(self.ref_policy).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "counters": {
-                "update": self.update,
-                "samples": self.samples,
-                "tokens": self.tokens,
-                "episodes": self.episodes,
-            },
-            "history": self.history,
-            "rng": {
-                "agent": self.rng.bit_generator.state,
-                "policy": None if gen is None else gen.get_state(),
-                "torch": torch.get_rng_state(),
-                "python": random.getstate(),
-            },
-            "extra": self.extra_state(),
-        }
+        """Everything a resumed run needs (:func:`llm_mdp.agents.checkpoint.agent_state`)."""
+        return agent_state(self)
 
     def extra_state(self) -> dict[str, Any]:
         """Agent-specific state to checkpoint (e.g. a running baseline)."""
@@ -568,25 +544,8 @@ class Agent:
         return path
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("agent") != self.name:
-            raise ValueError(f"checkpoint is for agent {state.get('agent')!r}, not {self.name!r}")
-        if "modules" in state:  # a single file; a sharded one's tensors: fsdp.load_checkpoint
-            for k, m in self.modules.items():
-                m.load_state_dict(state["modules"][k])
-            if self.ref_policy is not None and state["ref_policy"] is not None:
-                self._as_module(self.ref_policy).load_state_dict(state["ref_policy"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        c = state["counters"]
-        self.update, self.samples, self.tokens = c["update"], c["samples"], c["tokens"]
-        self.episodes = c["episodes"]
-        self.history = list(state["history"])
-        self.rng.bit_generator.state = state["rng"]["agent"]
-        gen = getattr(self.policy, "generator", None)
-        if gen is not None and state["rng"]["policy"] is not None:
-            gen.set_state(state["rng"]["policy"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        self.load_extra_state(state["extra"])
+        """Inverse of :meth:`state_dict` (:func:`llm_mdp.agents.checkpoint.restore_agent`)."""
+        restore_agent(self, state)
 
     @classmethod
     def load(
@@ -612,49 +571,3 @@ class Agent:
                 belongs to another agent, task or model (the message names the file).
         """
         return load_agent(cls, path, env, policy, run_dir=run_dir, parallel=parallel)
-
-
-def _ended_with_eos(batch: Rollout, eos_token_id: int) -> torch.Tensor:
-    """``(B,)`` float: 1 where the response's last token is EOS (not cut by the cap)."""
-    last = (batch.response_lengths - 1).clamp(min=0).unsqueeze(1)
-    ended = batch.response_ids.gather(1, last).squeeze(1) == eos_token_id
-    return (ended & (batch.response_lengths > 0)).float()
-
-
-def _match_action_sets(env: LLMTokenVectorEnv, policy: Policy) -> None:
-    """Check that ``policy`` acts on the env's tokens and action set, or give it the env's.
-
-    Raises ``ValueError`` for a policy built on another tokenizer (even one of the same
-    size: ids would mean other characters) or one that can emit a token the env rejects.
-    """
-    tok = getattr(policy, "tokenizer", None)
-    if (
-        tok is not None
-        and tok is not env.tokenizer
-        and hasattr(tok, "get_vocab")
-        and tok.get_vocab() != env.tokenizer.get_vocab()
-    ):
-        raise ValueError(
-            f"the policy's tokenizer ({type(tok).__name__}, {len(tok)} tokens) is not the "
-            f"env's (task {env.task.name!r}): token ids would mean other text; build the "
-            "policy with env.tokenizer"
-        )
-    legal = env.action_mask.cpu()
-    mask = getattr(policy, "action_mask", None)
-    if mask is None:
-        if not bool(legal.all()):
-            raise ValueError(
-                f"task {env.task.name!r} has {int((~legal).sum())} token(s) that are not "
-                f"actions (special tokens other than EOS), but {type(policy).__name__} has no "
-                "action_mask to exclude them; use CausalLMPolicy or add action_mask/"
-                "set_action_mask to your policy"
-            )
-        return
-    if not torch.equal(torch.as_tensor(mask).cpu(), legal):
-        if tok is None and hasattr(policy, "set_action_mask"):
-            policy.set_action_mask(legal)
-        else:
-            raise ValueError(
-                f"the policy's action set ({int(torch.as_tensor(mask).sum())} legal tokens) "
-                f"differs from the env's ({int(legal.sum())}); build both from one tokenizer"
-            )

@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "check_matches", "load_agent", "read_checkpoint"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointError",
+    "agent_state",
+    "check_matches",
+    "load_agent",
+    "read_checkpoint",
+    "restore_agent",
+]
 
 CHECKPOINT_FORMAT = 1
 """Version of the checkpoint layout written by ``Agent.state_dict``."""
@@ -145,3 +154,54 @@ def load_agent(
             f"checkpoint {str(path)!r} does not fit this {cls.name} agent's model: {first}"
         ) from None
     return agent
+
+
+def agent_state(agent: Any) -> dict[str, Any]:
+    """``Agent.state_dict``: weights, optimizer, counters, metrics history, every RNG state
+    and the agent's own extra state, as plain containers and tensors."""
+    gen = getattr(agent.policy, "generator", None)
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "agent": agent.name,
+        "task": agent.env.task.name,
+        "vocab_size": agent.env.vocab_size,
+        "config": dataclasses.asdict(agent.config),
+        "modules": {k: m.state_dict() for k, m in agent.modules.items()},
+        "ref_policy": None
+        if agent.ref_policy is None
+        else agent._as_module(agent.ref_policy).state_dict(),
+        "optimizer": agent.optimizer.state_dict(),
+        "counters": {k: getattr(agent, k) for k in _COUNTERS},
+        "history": agent.history,
+        "rng": {
+            "agent": agent.rng.bit_generator.state,
+            "policy": None if gen is None else gen.get_state(),
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+        },
+        "extra": agent.extra_state(),
+    }
+
+
+def restore_agent(agent: Any, state: dict[str, Any]) -> None:
+    """``Agent.load_state_dict``: the inverse of :func:`agent_state`. A sharded
+    checkpoint's tensors are loaded by ``llm_mdp.fsdp.load_checkpoint``; its ``state``
+    (the metadata) has no ``"modules"``."""
+    if state.get("agent") != agent.name:
+        raise ValueError(f"checkpoint is for agent {state.get('agent')!r}, not {agent.name!r}")
+    if "modules" in state:
+        for k, m in agent.modules.items():
+            m.load_state_dict(state["modules"][k])
+        if agent.ref_policy is not None and state["ref_policy"] is not None:
+            agent._as_module(agent.ref_policy).load_state_dict(state["ref_policy"])
+        agent.optimizer.load_state_dict(state["optimizer"])
+    for k in _COUNTERS:
+        setattr(agent, k, state["counters"][k])
+    agent.history = list(state["history"])
+    agent.rng.bit_generator.state = state["rng"]["agent"]
+    gen = getattr(agent.policy, "generator", None)
+    if gen is not None and state["rng"]["policy"] is not None:
+        gen.set_state(state["rng"]["policy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    agent.load_extra_state(state["extra"])

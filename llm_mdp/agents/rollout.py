@@ -75,6 +75,12 @@ class Rollout:
     def response_lengths(self) -> torch.Tensor:
         return self.response_mask.sum(-1)
 
+    def ended_with_eos(self, eos_token_id: int) -> torch.Tensor:
+        """``(B,)`` bool: the response's last token is EOS (it stopped before the cap)."""
+        last = (self.response_lengths - 1).clamp(min=0).unsqueeze(1)
+        ended = self.response_ids.gather(1, last).squeeze(1) == eos_token_id
+        return ended & (self.response_lengths > 0)
+
     def select(self, rows: torch.Tensor) -> Rollout:
         """The sub-batch ``rows`` (index tensor), extras included where they are per-row."""
         n = len(self)

@@ -18,7 +18,7 @@ from typing import Any, Literal, Protocol, overload, runtime_checkable
 
 import torch
 
-__all__ = ["Observation", "Policy", "left_compact"]
+__all__ = ["Observation", "Policy", "left_compact", "match_action_set"]
 
 Observation = Mapping[str, torch.Tensor]
 
@@ -197,3 +197,52 @@ def left_compact(
     c_mask = mask.gather(1, order)
     c_ids = ids.gather(1, order).masked_fill(c_mask == 0, 0)
     return c_ids, c_mask, (c_mask.cumsum(1) - 1).clamp_(min=0)
+
+
+def match_action_set(
+    policy: Any, tokenizer: Any, action_mask: torch.Tensor, task_name: str = "task"
+) -> None:
+    """Check that ``policy`` acts on ``tokenizer``'s ids and the env's action set, or give
+    a tokenizer-free policy that action set (``set_action_mask``).
+
+    Args:
+        policy: the policy an agent will train.
+        tokenizer: the env's tokenizer.
+        action_mask: ``(V,)`` bool, the env's legal actions (``env.action_mask``).
+        task_name: named in the errors.
+
+    Raises:
+        ValueError: the policy was built on another tokenizer (even one of the same size:
+            ids would mean other text), or it could emit a token the env rejects.
+    """
+    tok = getattr(policy, "tokenizer", None)
+    if (
+        tok is not None
+        and tok is not tokenizer
+        and hasattr(tok, "get_vocab")
+        and tok.get_vocab() != tokenizer.get_vocab()
+    ):
+        raise ValueError(
+            f"the policy's tokenizer ({type(tok).__name__}, {len(tok)} tokens) is not the "
+            f"env's (task {task_name!r}): token ids would mean other text; build the "
+            "policy with env.tokenizer"
+        )
+    legal = action_mask.cpu()
+    mask = getattr(policy, "action_mask", None)
+    if mask is None:
+        if not bool(legal.all()):
+            raise ValueError(
+                f"task {task_name!r} has {int((~legal).sum())} token(s) that are not "
+                f"actions (special tokens other than EOS), but {type(policy).__name__} has no "
+                "action_mask to exclude them; use CausalLMPolicy or add action_mask/"
+                "set_action_mask to your policy"
+            )
+        return
+    if not torch.equal(torch.as_tensor(mask).cpu(), legal):
+        if tok is None and hasattr(policy, "set_action_mask"):
+            policy.set_action_mask(legal)
+        else:
+            raise ValueError(
+                f"the policy's action set ({int(torch.as_tensor(mask).sum())} legal tokens) "
+                f"differs from the env's ({int(legal.sum())}); build both from one tokenizer"
+            )
