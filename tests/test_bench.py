@@ -65,7 +65,7 @@ def test_bench_cli_tiny_runs_every_section(
 
 @needs_trl
 def test_grpo_loss_and_gradient_equal_trl_for_every_loss_type() -> None:
-    from llm_mdp.bench.vs_trl import bench_numerics
+    from llm_mdp.bench.vs_trl_numerics import bench_numerics
 
     res = bench_numerics(log=lambda *a: None, offpolicy=False)  # tests/test_offpolicy_trl.py
     assert [r["loss_type"] for r in res["rows"]] == list(LOSS_TYPES)
@@ -84,7 +84,8 @@ def test_grpo_loss_and_gradient_equal_trl_for_every_loss_type() -> None:
 def test_numerics_comparison_detects_a_mismatch() -> None:
     """The check has power: our token-sum aggregation against TRL's ``grpo`` fails."""
     from llm_mdp.bench.common import quiet, text_task
-    from llm_mdp.bench.vs_trl import compare_loss_type, save_model
+    from llm_mdp.bench.vs_trl import save_model
+    from llm_mdp.bench.vs_trl_numerics import compare_loss_type
 
     tt = text_task(6, n_prompts=4)
     with tempfile.TemporaryDirectory() as tmp, quiet():

@@ -100,7 +100,10 @@ CLI_ROWS: list[tuple[list[str], str]] = [
     (["train", "--resume", "run", "--overwrite"], "--resume and --overwrite: give one of them"),
     (["train", "--resume", "run", "--agent", "grpo", "--lr", "1"], "cannot change --agent grpo"),
     (["train", "--resume", "run", "--set", "kl_coef=0.5"], "--set kl_coef=0.5 (the run has 0.0)"),
-    (["train", "--resume", "no_ckpt"], "no checkpoint.pt or checkpoint/ (stopped before its first update)"),
+    (
+        ["train", "--resume", "no_ckpt"],
+        "no checkpoint.pt or checkpoint/ (stopped before its first update)",
+    ),
     (["train", "--resume", "ckpt_corrupt"], "cannot be read (truncated or not a torch file)"),
     (["train", "--resume", "ckpt_truncated"], "cannot be read (truncated or not a torch file)"),
     (["train", "--resume", "ckpt_empty"], "checkpoint 'ckpt_empty/checkpoint.pt' is empty"),

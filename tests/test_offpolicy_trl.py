@@ -52,7 +52,7 @@ def test_offpolicy_losses_and_corrections_equal_trl(setup: dict[str, Any]) -> No
 @pytest.mark.slow
 def test_offpolicy_comparison_detects_a_missing_correction(setup: dict[str, Any]) -> None:
     from llm_mdp.bench.common import quiet
-    from llm_mdp.bench.vs_trl import compare_loss_type
+    from llm_mdp.bench.vs_trl_numerics import compare_loss_type
     from llm_mdp.bench.vs_trl_offpolicy import OFFPOLICY_ROWS
 
     kw = dict(OFFPOLICY_ROWS["is_sequence_truncate"])

@@ -141,7 +141,7 @@ def _run(sections: Sequence[str], b: Any, dev: Any, threads: int, log: Any) -> d
                 res["update"] = {"skipped": trl_msg}
         elif section == "numerics":
             if trl_ok:
-                from llm_mdp.bench.vs_trl import bench_numerics
+                from llm_mdp.bench.vs_trl_numerics import bench_numerics
 
                 try:
                     res["numerics"] = bench_numerics(log=log)

@@ -1,6 +1,6 @@
 """Off-policy rows of the TRL numerics: GSPO, CISPO and TRL's importance-sampling correction.
 
-Each row is :func:`llm_mdp.bench.vs_trl.compare_loss_type` on the same fixed batch with
+Each row is :func:`llm_mdp.bench.vs_trl_numerics.compare_loss_type` on the same fixed batch with
 TRL's trainer switched to the variant (attributes of ``GRPOTrainer`` set before it scores
 the batch; TRL's own ``_generate_and_score_completions`` and ``_compute_loss`` run) and
 our GRPO config set to the estimator of the same name:
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_mdp.bench.common import TextTask
-from llm_mdp.bench.vs_trl import compare_loss_type
+from llm_mdp.bench.vs_trl_numerics import compare_loss_type
 
 __all__ = ["IS_MODES", "OFFPOLICY_ROWS", "compare_offpolicy_rows"]
 
@@ -80,7 +80,7 @@ def _rows() -> dict[str, dict[str, Any]]:
 
 
 OFFPOLICY_ROWS: dict[str, dict[str, Any]] = _rows()
-"""Row name -> keyword arguments of :func:`~llm_mdp.bench.vs_trl.compare_loss_type`."""
+"""Row name -> keyword arguments of :func:`~llm_mdp.bench.vs_trl_numerics.compare_loss_type`."""
 
 
 def compare_offpolicy_rows(
