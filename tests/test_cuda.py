@@ -64,11 +64,12 @@ def test_one_update_of_each_agent_matches_the_cpu(name: str) -> None:
             cls = get_agent(name)
             agent = cls(env, policy, cls.config_class(seed=0, learning_rate=1e-3))
             (metrics,) = agent.learn(1, progress=False)
-            params[dev] = torch.cat([p.detach().cpu().flatten() for p in policy.parameters()])
+            # the last gradient (Adam's first step amplifies float round-off near 0)
+            params[dev] = torch.cat([p.grad.cpu().flatten() for p in policy.parameters()])
             assert metrics["grad_norm"] > 0
     finally:
         torch.set_default_dtype(default)
-    assert float((params["cpu"] - params["cuda"]).abs().max()) < 1e-8
+    assert float((params["cpu"] - params["cuda"]).abs().max()) < 1e-10
 
 
 def test_chunked_head_equals_dense_on_cuda() -> None:
