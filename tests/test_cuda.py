@@ -69,7 +69,10 @@ def test_one_update_of_each_agent_matches_the_cpu(name: str) -> None:
             assert metrics["grad_norm"] > 0
     finally:
         torch.set_default_dtype(default)
-    assert float((params["cpu"] - params["cuda"]).abs().max()) < 1e-10
+    # float64 models, but the rollout's log-probs (the ratio's denominator) are float32
+    # on both devices: the gradients agree to float32 round-off of those (measured on an
+    # H200: at most 7.6e-8, for gradients of size 1e-2)
+    assert float((params["cpu"] - params["cuda"]).abs().max()) < 2e-7
 
 
 def test_chunked_head_equals_dense_on_cuda() -> None:
