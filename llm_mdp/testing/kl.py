@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from llm_mdp.theory import ExactModel, KLModel
-from llm_mdp.theory.exact import F64
+from llm_mdp.theory.specs import F64
 
 from ._format import coordinate_namer, describe_mdp, fmt, worst_coordinates
 from ._registry import display_name, registered_kl

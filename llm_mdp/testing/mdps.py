@@ -37,8 +37,9 @@ from torch import Tensor
 from llm_mdp.policies import TabularPolicy
 from llm_mdp.tasks import hidden_rewards_task
 from llm_mdp.theory import ExactModel, make_policy
-from llm_mdp.theory.exact import F64, _as_f64_policy, _node_log_probs
 from llm_mdp.theory.setups import ACTIONS, EOS, A
+from llm_mdp.theory.specs import F64
+from llm_mdp.theory.tables import as_f64_policy, node_log_probs
 
 __all__ = ["MDP_KINDS", "TOKEN_NAMES", "loss_batch", "reference_policy", "small_mdp"]
 
@@ -171,9 +172,9 @@ def _perturbed(policy: Any, direction: list[Tensor | None], distance: float) -> 
 def _sequence_kl(model: ExactModel, ref: Any) -> float:
     """``KL(pi || pi_ref)`` over the responses of ``model``'s tree."""
     tree = model.tree
-    ref64 = _as_f64_policy(ref, F64)
+    ref64 = as_f64_policy(ref, F64)
     with torch.no_grad():
-        table = _node_log_probs(ref64, tree, next(ref64.parameters()).device).cpu()
+        table = node_log_probs(ref64, tree, next(ref64.parameters()).device).cpu()
     flat_ref, flat = table.reshape(-1), model.log_pi.reshape(-1)
     x = (flat[tree.pair] - flat_ref[tree.pair]).masked_fill(~tree.mask, 0.0)
     return float(model.prob @ x.sum(1))

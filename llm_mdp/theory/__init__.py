@@ -11,17 +11,8 @@
 * :func:`verify`, :func:`print_report`, :func:`plot_bias_variance`, :func:`verify_cli`.
 """
 
-from .exact import (
-    ALL_EXACT,
-    THEORY_WEIGHTINGS,
-    Comparison,
-    EstimatorSpec,
-    ExactModel,
-    GradientMoments,
-    InputSpec,
-    compare,
-)
 from .kl import KL_PLACEMENTS, KLModel, KLRow, kl_rows
+from .moments import ExactModel
 from .report import (
     EstimatorRow,
     IdentityRow,
@@ -37,7 +28,9 @@ from .report import (
     verify_cli,
 )
 from .setups import POLICY_KINDS, make_policy, paper_setup
+from .specs import ALL_EXACT, Comparison, EstimatorSpec, GradientMoments, InputSpec, compare
 from .tree import LENGTH_CAPS, ResponseTree, enumerate_tree
+from .weightings import THEORY_WEIGHTINGS
 
 __all__ = [
     "ALL_EXACT",

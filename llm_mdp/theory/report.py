@@ -29,9 +29,10 @@ import torch
 
 from llm_mdp import estimators as est
 
-from .exact import ALL_EXACT, EstimatorSpec, ExactModel, GradientMoments, InputSpec
 from .kl import KLRow, kl_rows
+from .moments import ExactModel
 from .setups import POLICY_KINDS, make_policy, paper_setup
+from .specs import ALL_EXACT, EstimatorSpec, GradientMoments, InputSpec
 from .tree import LENGTH_CAPS
 
 __all__ = [

@@ -7,7 +7,7 @@ from typing import Any
 from llm_mdp.policies import CausalLMPolicy, TabularPolicy, tiny_gpt2, tiny_llama
 from llm_mdp.tasks import hidden_rewards_task
 
-from .exact import ExactModel
+from .moments import ExactModel
 
 __all__ = ["POLICY_KINDS", "make_policy", "paper_setup"]
 
