@@ -35,19 +35,17 @@ import torch
 from torch import Tensor
 
 from llm_mdp.policies import TabularPolicy
-from llm_mdp.tasks import hidden_rewards_task
+from llm_mdp.tasks import char_tokenizer, hidden_rewards_task
 from llm_mdp.theory import ExactModel, make_policy
-from llm_mdp.theory.setups import ACTIONS, EOS, A
+from llm_mdp.theory.setups import ACTIONS, ALPHABET, EOS, A
 from llm_mdp.theory.specs import F64
 from llm_mdp.theory.tables import as_f64_policy, node_log_probs
 
-__all__ = ["MDP_KINDS", "TOKEN_NAMES", "loss_batch", "reference_policy", "small_mdp"]
+__all__ = ["MDP_KINDS", "loss_batch", "reference_policy", "small_mdp"]
 
 MDP_KINDS = ("tabular", "gpt2", "llama")
 """Policies of :func:`small_mdp`: a table of logits, a 1-layer GPT-2, a 1-layer Llama."""
 
-TOKEN_NAMES = {EOS: "<eos>", A: "a", A + 1: "b"}
-"""Token ids of :func:`small_mdp`'s vocabulary (``char_tokenizer("ab")``)."""
 
 PROMPTS = ("a", "b", "ab", "ba", "aa", "bb")
 _PROMPT_IDS = {t: tuple(A if c == "a" else A + 1 for c in t) for t in PROMPTS}
@@ -140,7 +138,14 @@ def small_mdp(
                 return 2.0 * _uniform("zra", seed, p, response) - 1.0
 
         return ExactModel.from_functions(
-            policy, prompts, ACTIONS, EOS, horizon, length_cap=length_cap, reward=reward
+            policy,
+            prompts,
+            ACTIONS,
+            EOS,
+            horizon,
+            length_cap=length_cap,
+            reward=reward,
+            tokenizer=char_tokenizer(ALPHABET),
         )
 
     @cache
@@ -156,7 +161,14 @@ def small_mdp(
         return float(hit(p, prefix, token) and not paid_before(p, prefix))
 
     return ExactModel.from_functions(
-        policy, prompts, ACTIONS, EOS, horizon, length_cap=length_cap, token_reward=token_reward
+        policy,
+        prompts,
+        ACTIONS,
+        EOS,
+        horizon,
+        length_cap=length_cap,
+        token_reward=token_reward,
+        tokenizer=char_tokenizer(ALPHABET),
     )
 
 

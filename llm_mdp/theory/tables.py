@@ -135,6 +135,7 @@ class ExactTables:
         rewards: ``(N,)`` ``RM(W)`` per response; checked against the token rewards when
             both are given.
         gamma: discount in ``(0, 1]``.
+        tokenizer: optional; names tokens in messages (:meth:`token_name`).
 
     Attributes:
         params: the trainable parameters ``grad J`` is taken w.r.t. (flattened in order).
@@ -160,11 +161,13 @@ class ExactTables:
         token_rewards: Tensor | None = None,
         rewards: Tensor | None = None,
         gamma: float = 1.0,
+        tokenizer: Any = None,
     ) -> None:
         if not 0.0 < gamma <= 1.0:
             raise ValueError(f"gamma must be in (0, 1], got {gamma}")
         self.tree = tree
         self.gamma = float(gamma)
+        self.tokenizer = tokenizer
         self.policy = as_f64_policy(policy, F64)
         self.device = next(self.policy.parameters()).device
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -268,12 +271,14 @@ class ExactTables:
         token_reward: TokenRewardFn | None = None,
         reward: ResponseRewardFn | None = None,
         gamma: float = 1.0,
+        tokenizer: Any = None,
     ) -> Self:
         """Build from plain Python reward functions over token ids.
 
         ``token_reward(prompt, prefix, token)`` gives true token rewards (any ``gamma``);
         ``reward(prompt, response)`` a response-level ``RM`` (ZRA, ``gamma = 1``). Give one
-        (or both, to have them checked against each other).
+        (or both, to have them checked against each other). ``tokenizer`` (optional)
+        names the tokens in messages.
         """
         tree = enumerate_tree(prompts, actions, eos_token_id, horizon, length_cap)
         r_table = None
@@ -289,7 +294,9 @@ class ExactTables:
             rm = torch.tensor(
                 [float(reward(tree.prompts[k], toks)) for k, toks in tree.responses], dtype=F64
             )
-        return cls(policy, tree, token_rewards=r_table, rewards=rm, gamma=gamma)
+        return cls(
+            policy, tree, token_rewards=r_table, rewards=rm, gamma=gamma, tokenizer=tokenizer
+        )
 
     @classmethod
     def from_task(
@@ -357,7 +364,7 @@ class ExactTables:
                     "the task's token rewards are not a function of (prompt, prefix, token) alone"
                 )
             r_table = r_table.view(tree.num_nodes, tree.num_actions)
-        return cls(policy, tree, token_rewards=r_table, rewards=rm, gamma=g)
+        return cls(policy, tree, token_rewards=r_table, rewards=rm, gamma=g, tokenizer=tok)
 
     # ---------------------------------------------------------------- internals
     def _score_matrix(self, flat_log_pi: Tensor) -> Tensor:
@@ -412,6 +419,21 @@ class ExactTables:
             if nxt < 0:
                 return tr.response_index(k, prefix)
             node = nxt
+
+    # ---------------------------------------------------------------- names
+    def token_name(self, token: int) -> str:
+        """The tokenizer's name of ``token`` (``"<eos>"`` for EOS); without one, its id
+        (``"EOS"`` for the tree's EOS)."""
+        if self.tokenizer is None:
+            return "EOS" if token == self.tree.eos_token_id else str(token)
+        name = self.tokenizer.convert_ids_to_tokens(int(token))
+        return str(name) if name is not None else str(token)
+
+    def text(self, ids: Sequence[int]) -> str:
+        """Tokens ``ids`` as the tokenizer names them, joined (space-separated ids without one)."""
+        if self.tokenizer is None:
+            return " ".join(self.token_name(i) for i in ids)
+        return "".join(self.token_name(i) for i in ids)
 
     # ---------------------------------------------------------------- values
     def zra_values(self) -> Tensor:
