@@ -160,3 +160,93 @@ def plot_bias_variance(rows: Sequence[BiasVarianceRow], path: str | Path) -> Pat
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_tree(
+    parents: Sequence[int],
+    labels: Sequence[str],
+    edges: Sequence[str],
+    path: str | Path,
+    *,
+    title: str = "",
+    leaf_color: Sequence[bool] | None = None,
+) -> Path:
+    """Draw a rooted tree left to right: node ``i`` has parent ``parents[i]`` (-1: root).
+
+    ``labels[i]`` is written in the node's box, ``edges[i]`` on the edge from its parent;
+    leaves are spread evenly, an inner node sits at the mean height of its children.
+    ``leaf_color[i]`` marks nodes drawn in the terminal colour.
+    """
+    plt = _pyplot()
+    n = len(parents)
+    children: list[list[int]] = [[] for _ in range(n)]
+    for i, p in enumerate(parents):
+        if p >= 0:
+            children[p].append(i)
+    depth = [0] * n
+    for i in range(n):  # parents come before their children
+        depth[i] = depth[parents[i]] + 1 if parents[i] >= 0 else 0
+    y = [0.0] * n
+    leaves = 0
+
+    def place(i: int) -> float:
+        nonlocal leaves
+        if not children[i]:
+            y[i] = -float(leaves)
+            leaves += 1
+        else:
+            y[i] = sum(place(c) for c in children[i]) / len(children[i])
+        return y[i]
+
+    for root in (i for i in range(n) if parents[i] < 0):
+        place(root)
+    fig, ax = plt.subplots(figsize=(2.4 * (max(depth) + 1), 0.42 * leaves + 1.0))
+    for i, p in enumerate(parents):
+        if p >= 0:
+            ax.plot([depth[p], depth[i]], [y[p], y[i]], color="0.6", lw=0.8, zorder=1)
+            ax.text((depth[p] + depth[i]) / 2, (y[p] + y[i]) / 2, edges[i], fontsize=7,
+                    ha="center", va="bottom", color="0.25")  # fmt: skip
+    for i in range(n):
+        terminal = bool(leaf_color[i]) if leaf_color is not None else not children[i]
+        ax.text(depth[i], y[i], labels[i], fontsize=7.5, ha="center", va="center", zorder=2,
+                bbox={"boxstyle": "round,pad=0.25", "lw": 0.6,
+                      "fc": "#fde9c9" if terminal else "#dbe9f6"})  # fmt: skip
+    ax.set_xlim(-0.6, max(depth) + 0.6)
+    ax.set_ylim(-leaves + 0.4, 0.8)
+    ax.axis("off")
+    ax.set_title(title, fontsize=9)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_token_weights(
+    tokens: Sequence[str],
+    weights: Mapping[str, Sequence[float]],
+    path: str | Path,
+    *,
+    title: str = "",
+) -> Path:
+    """Grouped bars: for each token of one response, the weight each estimator gives it."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(2.4 + 1.5 * len(tokens), 4.6))
+    k = len(weights)
+    width = 0.8 / max(k, 1)
+    for j, (name, ws) in enumerate(weights.items()):
+        xs = [t + (j - (k - 1) / 2) * width for t in range(len(tokens))]
+        ax.bar(xs, list(ws), width=width, label=name)
+    ax.axhline(0.0, color="0.3", lw=0.8)
+    ax.set_xticks(range(len(tokens)), [f"t={t + 1}\n{tok}" for t, tok in enumerate(tokens)])
+    ax.set_ylabel("weight of grad log pi(w_t | s_t)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+    ax.grid(True, axis="y", alpha=0.3)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
