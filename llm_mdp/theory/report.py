@@ -232,6 +232,16 @@ def standard_specs(
             EstimatorSpec(
                 "gae",
                 {"lam": 1.0},
+                inputs=InputSpec(token_rewards="true", values="zero"),
+                label="(26) true r, return-to-go [gae, V=0]",
+                expected=at_one,
+            ),
+        ),
+        (
+            "per-token",
+            EstimatorSpec(
+                "gae",
+                {"lam": 1.0},
                 inputs=dataclasses.replace(zra, values="zero"),
                 label="(26) ZRA + gamma [gae, V=0]",
                 expected=at_one,
