@@ -95,3 +95,21 @@ def test_counterexample_prompt_baseline_raises_reinforce_variance() -> None:
     assert plain == pytest.approx(0.099612676435, abs=1e-10)
     assert with_v == pytest.approx(0.221797107223, abs=1e-10)
     assert float(model.prompt_value[0]) == pytest.approx(-0.417801481136, abs=1e-10)
+
+
+def test_token_weights_figure(tmp_path) -> None:
+    """The docs figure's data: Theorem 2 telescopes, PPO is RM - V(s_t), GRPO (G-1)/G."""
+    from llm_mdp.theory import figures
+
+    model = figures.zra_setup()
+    tr = model.tree
+    w = int(torch.where(tr.lengths == tr.lengths.max(), model.prob, -1.0).argmax())
+    weights = figures.token_weights(model, w, group_size=4)
+    rm, v = float(model.rewards[w]), model.V[tr.node_of[w, : int(tr.lengths[w])]]
+    ppo, thm2, grpo = (next(val for key, val in weights.items() if key.startswith(p))
+                       for p in ("PPO", "Theorem 2", "GRPO"))  # fmt: skip
+    assert sum(thm2) == pytest.approx(rm - float(v[0]), abs=1e-12)
+    torch.testing.assert_close(torch.tensor(ppo, dtype=F64), rm - v, rtol=0, atol=1e-12)
+    assert grpo[0] == pytest.approx(0.75 * (rm - float(v[0])), abs=1e-12)
+    assert figures.main([str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["response_tree.png", "token_weights.png"]

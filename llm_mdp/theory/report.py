@@ -407,8 +407,11 @@ def verify(
     """Check every estimator against the exact ``grad J``; see the module docstring.
 
     Args:
-        gamma, horizon, length_cap, seed, policy: the :func:`paper_setup` (ignored when
-            ``model`` is given). ``policy`` is ``"tabular"``, ``"gpt2"`` or ``"llama"``.
+        gamma: discount of the :func:`paper_setup` (ignored when ``model`` is given).
+        horizon: most tokens per response of the set-up.
+        length_cap: ``"force-eos"`` or ``"env"`` (:data:`~llm_mdp.theory.tree.LENGTH_CAPS`).
+        seed: seed of the set-up's rewards and policy.
+        policy: ``"tabular"``, ``"gpt2"`` or ``"llama"``.
         group_size: ``G`` of the group estimators and aggregation rows.
         mc_samples: Monte Carlo draws when a group enumeration would exceed
             ``max_groups`` ordered groups (or the estimator mixes groups).
