@@ -32,6 +32,16 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: str | Path, dpi: int) -> Path:
+    """Lay out, write ``path`` (creating its folder) and close ``fig``."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
+
+
 def _smooth(ys: Sequence[float], k: int) -> list[float]:
     out, acc = [], 0.0
     for i, y in enumerate(ys):
@@ -69,11 +79,7 @@ def plot_learning_curve(
         ax2.plot(x, [r.get("kl/ref", float("nan")) for r in rows], color="C3", label="KL to ref")
         ax2.set_ylabel("KL(pi || ref) per sequence", color="C3")
     ax.set_title("response length" + (" and KL" if any("kl/ref" in r for r in rows) else ""))
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=120)
 
 
 def plot_comparison(
@@ -102,11 +108,7 @@ def plot_comparison(
     axes[0].set_ylabel("mean reward (moving average)")
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=120)
 
 
 def plot_bias_variance(rows: Sequence[BiasVarianceRow], path: str | Path) -> Path:
@@ -154,12 +156,7 @@ def plot_bias_variance(rows: Sequence[BiasVarianceRow], path: str | Path) -> Pat
     ax.set_title("Policy-gradient estimators: exact bias vs variance")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper right")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path, dpi=110)
 
 
 def plot_tree(
@@ -215,12 +212,7 @@ def plot_tree(
     ax.set_ylim(-leaves + 0.4, 0.8)
     ax.axis("off")
     ax.set_title(title, fontsize=9)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path, dpi=120)
 
 
 def plot_token_weights(
@@ -244,9 +236,4 @@ def plot_token_weights(
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     ax.grid(True, axis="y", alpha=0.3)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path, dpi=120)

@@ -127,6 +127,19 @@ def small_mdp(
             policy, task, horizon=horizon, length_cap=length_cap, actions=ACTIONS, gamma=gamma
         )
     prompts = [_PROMPT_IDS[t] for t in texts]
+
+    def build(**rewards: Any) -> ExactModel:
+        return ExactModel.from_functions(
+            policy,
+            prompts,
+            ACTIONS,
+            EOS,
+            horizon,
+            length_cap=length_cap,
+            tokenizer=char_tokenizer(ALPHABET),
+            **rewards,
+        )
+
     if zra:
         if binary_rewards:
 
@@ -137,16 +150,7 @@ def small_mdp(
             def reward(p: tuple[int, ...], response: tuple[int, ...]) -> float:
                 return 2.0 * _uniform("zra", seed, p, response) - 1.0
 
-        return ExactModel.from_functions(
-            policy,
-            prompts,
-            ACTIONS,
-            EOS,
-            horizon,
-            length_cap=length_cap,
-            reward=reward,
-            tokenizer=char_tokenizer(ALPHABET),
-        )
+        return build(reward=reward)
 
     @cache
     def paid_before(p: tuple[int, ...], prefix: tuple[int, ...]) -> bool:
@@ -160,16 +164,7 @@ def small_mdp(
     def token_reward(p: tuple[int, ...], prefix: tuple[int, ...], token: int) -> float:
         return float(hit(p, prefix, token) and not paid_before(p, prefix))
 
-    return ExactModel.from_functions(
-        policy,
-        prompts,
-        ACTIONS,
-        EOS,
-        horizon,
-        length_cap=length_cap,
-        token_reward=token_reward,
-        tokenizer=char_tokenizer(ALPHABET),
-    )
+    return build(token_reward=token_reward)
 
 
 def _perturbed(policy: Any, direction: list[Tensor | None], distance: float) -> Any:
