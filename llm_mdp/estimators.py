@@ -1,8 +1,8 @@
 """Advantage, KL and policy-loss estimators and loss aggregation, as registered pure torch functions.
 
 Every agent (REINFORCE, RLOO, ReMax, GRPO, PPO, TRePO) and the exact theory toolkit use
-these functions; equation numbers refer to /work/shared/paper-notes.md (He et al., arXiv
-2506.02553).
+these functions; equation numbers are those of He et al., arXiv 2506.02553, stated in
+``docs/theory.md``.
 
 Conventions
 -----------
@@ -254,7 +254,10 @@ def grpo(batch: AdvantageInputs, *, std_scaling: str = "group", eps: float = 1e-
 
 
 def zra_token_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
-    """Zero-Reward Assumption (section 1): ``RM(W)`` on the last real token, 0 elsewhere."""
+    """Zero-Reward Assumption: ``RM(W)`` on the last real token, 0 elsewhere.
+
+    See ``docs/theory.md#the-token-mdp``.
+    """
     m = mask.bool()
     cols = torch.arange(m.shape[1], device=m.device)
     last = torch.where(m, cols, -1).max(dim=1).values
@@ -273,7 +276,8 @@ def compute_gae(
     value after the last real token is 0 (the response is scored, so the episode ends).
     Masked-out columns are skipped, not treated as steps. ``returns = A + V`` is the
     lambda-return, the critic's target. No gradient flows (``values`` is detached). With
-    ZRA rewards and ``gamma = lam = 1``: ``A_t = RM(W) - V(s_t)`` (table in section 3).
+    ZRA rewards and ``gamma = lam = 1``: ``A_t = RM(W) - V(s_t)``
+    (``docs/theory.md#estimators``).
     """
     m = mask.bool()
     dtype = torch.promote_types(_float(values).dtype, token_rewards.dtype)
@@ -325,7 +329,7 @@ def _interpolate(values: Tensor, known: Tensor, linear: bool) -> Tensor:
 
 @register_advantage("trepo")
 def trepo(batch: AdvantageInputs, *, interpolation: str = "linear") -> Tensor:
-    """TRePO (paper-notes section 4; VinePPO arXiv 2410.01679): ``A_t = V_hat(s_{t+1}) - V_hat(s_t)``.
+    """TRePO (``docs/theory.md#trepo``; VinePPO arXiv 2410.01679): ``A_t = V_hat(s_{t+1}) - V_hat(s_t)``.
 
     Theorem 2 (28). ``V_hat`` over columns ``0..T`` of ``prefix_values`` (column ``j`` =
     ``s_{j+1}``): entries with ``prefix_known`` are Monte Carlo estimates; the terminal

@@ -5,7 +5,7 @@ token rewards -- ``RM(W)`` on the last token (Zero-Reward Assumption) minus ``be
 per token -- gives the advantages; the policy takes ``epochs`` x ``minibatches``
 clipped-surrogate steps and the critic a clipped value-regression step.
 
-paper-notes section 3: with ZRA, ``gamma = 1`` and ``lambda = 1`` the advantage is
+``docs/theory.md#estimators``: with ZRA, ``gamma = 1`` and ``lambda = 1`` the advantage is
 ``RM(W) - V_phi(s_t)``: unbiased for an exact critic (Lemma 2), a per-position baseline.
 
 Critic: a *separate* network, a copy of the policy's transformer trunk (no LM head) plus

@@ -1,4 +1,4 @@
-"""TRePO, Token-Reinforced Policy Optimization (paper-notes section 4).
+"""TRePO, Token-Reinforced Policy Optimization (``docs/theory.md#trepo``).
 
 Theorem 2 (28) of the paper: the per-token weight ``V(s_{t+1}) - V(s_t)`` -- the value
 after token ``t`` minus the value before it -- is the advantage written with

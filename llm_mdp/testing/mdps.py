@@ -1,7 +1,7 @@
 """Ready small MDPs with exact answers, a reference policy for KL checks, a loss batch.
 
 :func:`small_mdp` builds an :class:`~llm_mdp.theory.ExactModel` on the tree of
-paper-notes section 5 (prompt ``"a"``, actions ``{a, b, EOS}``): every response, its
+``docs/theory.md#the-token-mdp`` (prompt ``"a"``, actions ``{a, b, EOS}``): every response, its
 probability, its reward, ``J`` and ``grad J`` exactly, in float64. Choose the policy
 (tabular or a tiny transformer), the seed, gamma, and the kind of rewards:
 

@@ -1,4 +1,4 @@
-"""Ready-made exact set-ups: paper-notes section 5 with a tabular or a tiny transformer policy."""
+"""Ready-made exact set-ups: the small set-up of ``docs/theory.md#the-token-mdp``, with a tabular or a tiny transformer policy."""
 
 from __future__ import annotations
 
@@ -58,11 +58,11 @@ def paper_setup(
     policy: str | Any = "tabular",
     init_scale: float = 1.0,
 ) -> ExactModel:
-    """Paper-notes section 5: prompt ``"a"``, actions ``{a, b, EOS}``, random token rewards.
+    """The small set-up of ``docs/theory.md#the-token-mdp``: prompt ``"a"``, actions ``{a, b, EOS}``, random token rewards.
 
     Token rewards ``r(s_t, w_t) ~ U(-1, 1)`` from :func:`~llm_mdp.tasks.hidden_rewards_task`
     (``seed``), ``RM(W) = sum_t gamma^(t-1) r_t``. ``length_cap="force-eos"`` with
-    ``horizon=4`` gives the notes' 15 responses (``{a,b}^k EOS``, ``k = 0..3``);
+    ``horizon=4`` gives the 15 responses (``{a,b}^k EOS``, ``k = 0..3``);
     ``"env"`` the env's rule (31 responses for ``horizon=4``). ``policy`` is a kind from
     :data:`POLICY_KINDS` (seeded with ``seed``) or a policy object over the same vocabulary.
     """
