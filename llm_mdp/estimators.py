@@ -329,7 +329,9 @@ def _interpolate(values: Tensor, known: Tensor, linear: bool) -> Tensor:
 
 @register_advantage("trepo")
 def trepo(batch: AdvantageInputs, *, interpolation: str = "linear") -> Tensor:
-    """TRePO (``docs/theory.md#trepo``; VinePPO arXiv 2410.01679): ``A_t = V_hat(s_{t+1}) - V_hat(s_t)``.
+    """TRePO: ``A_t = V_hat(s_{t+1}) - V_hat(s_t)``.
+
+    ``docs/theory.md#trepo``; VinePPO, arXiv 2410.01679.
 
     Theorem 2 (28). ``V_hat`` over columns ``0..T`` of ``prefix_values`` (column ``j`` =
     ``s_{j+1}``): entries with ``prefix_known`` are Monte Carlo estimates; the terminal

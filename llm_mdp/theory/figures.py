@@ -104,12 +104,12 @@ def token_weights_figure(model: ExactModel, path: str | Path, response: int | No
         longest = tr.lengths == tr.lengths.max()
         response = int(torch.where(longest, model.prob, -1.0).argmax())
     t_len = int(tr.lengths[response])
-    tokens = [model.token_name(int(x)) for x in tr.tokens[response, :t_len]]
+    ids = tuple(tr.tokens[response, :t_len].tolist())
     return plotting.plot_token_weights(
-        tokens,
+        [model.token_name(i) for i in ids],
         token_weights(model, response),
         path,
-        title=f"weights of the tokens of {model.text(tuple(tr.tokens[response, :t_len].tolist()))!r}"
+        title=f"weights of the tokens of {model.text(ids)!r}"
         f" (RM = {float(model.rewards[response]):+.3f}, V(s_1) = "
         f"{float(model.V[tr.node_of[response, 0]]):+.3f})",
     )

@@ -290,7 +290,10 @@ class ExactModel(ExactTables):
         return torch.where(active, torch.cat([var, var], 1), torch.zeros((), dtype=F64))
 
     def place_slots(self, plan: AnchorPlan, slots: Tensor) -> dict[str, Tensor | None]:
-        """The trepo inputs from ``(b, 2H)`` slot estimates, by :func:`~llm_mdp.anchors.place_estimates`."""
+        """The trepo inputs from ``(b, 2H)`` slot estimates.
+
+        By :func:`~llm_mdp.anchors.place_estimates`, as the agent places its own.
+        """
         h = self.tree.horizon
         pad = torch.zeros(len(slots), 1, dtype=F64)
         first = torch.cat([slots[:, :h], pad], dim=1)

@@ -1,4 +1,7 @@
-"""Ready-made exact set-ups: the small set-up of ``docs/theory.md#the-token-mdp``, with a tabular or a tiny transformer policy."""
+"""Ready-made exact set-ups: the small set-up of ``docs/theory.md#the-token-mdp``.
+
+With a tabular or a tiny transformer policy.
+"""
 
 from __future__ import annotations
 
@@ -58,7 +61,9 @@ def paper_setup(
     policy: str | Any = "tabular",
     init_scale: float = 1.0,
 ) -> ExactModel:
-    """The small set-up of ``docs/theory.md#the-token-mdp``: prompt ``"a"``, actions ``{a, b, EOS}``, random token rewards.
+    """The small set-up of ``docs/theory.md#the-token-mdp``.
+
+    Prompt ``"a"``, actions ``{a, b, EOS}``, random token rewards.
 
     Token rewards ``r(s_t, w_t) ~ U(-1, 1)`` from :func:`~llm_mdp.tasks.hidden_rewards_task`
     (``seed``), ``RM(W) = sum_t gamma^(t-1) r_t``. ``length_cap="force-eos"`` with
