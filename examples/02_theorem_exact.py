@@ -1,6 +1,6 @@
 """See the Trajectory Policy Gradient Theorem hold exactly, and which estimators are biased.
 
-A teacher's demo (CPU, a few seconds). The set-up of paper-notes section 5: the prompt
+A teacher's demo (CPU, a few seconds). The small set-up of docs/theory.md#the-token-mdp: the prompt
 "a", a policy over the three actions {a, b, EOS}, responses of at most 4 tokens ending
 with EOS (15 of them), and *hidden* random token rewards r(s_t, w_t) ~ U(-1, 1). The
 learner only sees RM(W) = sum_t gamma^(t-1) r_t. Because the tree is tiny we can

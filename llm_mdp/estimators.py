@@ -1,8 +1,8 @@
 """Advantage, KL and policy-loss estimators and loss aggregation, as registered pure torch functions.
 
 Every agent (REINFORCE, RLOO, ReMax, GRPO, PPO, TRePO) and the exact theory toolkit use
-these functions; equation numbers refer to /work/shared/paper-notes.md (He et al., arXiv
-2506.02553).
+these functions; equation numbers are those of He et al., arXiv 2506.02553, stated in
+``docs/theory.md``.
 
 Conventions
 -----------
@@ -22,6 +22,9 @@ Registries and their one signature each (add your own with the decorators)
   gradient. Unknown options raise ``TypeError`` (options are keyword-only parameters).
 * ``KL_ESTIMATORS``: ``fn(logp, ref_logp, mask=None) -> Tensor (B, R)``.
 * ``POLICY_LOSSES``: ``fn(logp, old_logp, advantages, mask, **options) -> PolicyLossOutput``.
+* ``ADVANTAGE_TRANSFORMS``: ``fn(advantages, mask, *, all_reduce=None, **options) -> Tensor
+  (B, R)``, applied to an estimator's output (PPO's ``"whiten"``). ``all_reduce`` sums a
+  tensor over data-parallel ranks, so a batch statistic is the global batch's.
 
 Losses are per token; :func:`aggregate` turns them into a scalar (section "Aggregation").
 """
@@ -39,10 +42,12 @@ from torch import Tensor
 AdvantageFn = Callable[..., Tensor]
 KLFn = Callable[..., Tensor]
 PolicyLossFn = Callable[..., "PolicyLossOutput"]
+AdvantageTransformFn = Callable[..., Tensor]
 
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {}
 KL_ESTIMATORS: dict[str, KLFn] = {}
 POLICY_LOSSES: dict[str, PolicyLossFn] = {}
+ADVANTAGE_TRANSFORMS: dict[str, AdvantageTransformFn] = {}
 
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -89,6 +94,11 @@ def register_policy_loss(name: str, *, overwrite: bool = False) -> Decorator:
     return _registrar(POLICY_LOSSES, "policy loss", name, overwrite)
 
 
+def register_advantage_transform(name: str, *, overwrite: bool = False) -> Decorator:
+    """Decorator registering ``fn(advantages, mask, *, all_reduce=None, **options) -> (B, R)``."""
+    return _registrar(ADVANTAGE_TRANSFORMS, "advantage transform", name, overwrite)
+
+
 def get_advantage_estimator(name: str) -> AdvantageFn:
     return _lookup(ADVANTAGE_ESTIMATORS, "advantage estimator", name)
 
@@ -99,6 +109,10 @@ def get_kl_estimator(name: str) -> KLFn:
 
 def get_policy_loss(name: str) -> PolicyLossFn:
     return _lookup(POLICY_LOSSES, "policy loss", name)
+
+
+def get_advantage_transform(name: str) -> AdvantageTransformFn:
+    return _lookup(ADVANTAGE_TRANSFORMS, "advantage transform", name)
 
 
 def compute_advantages(name: str, batch: AdvantageInputs, **options: Any) -> Tensor:
@@ -240,7 +254,10 @@ def grpo(batch: AdvantageInputs, *, std_scaling: str = "group", eps: float = 1e-
 
 
 def zra_token_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
-    """Zero-Reward Assumption (section 1): ``RM(W)`` on the last real token, 0 elsewhere."""
+    """Zero-Reward Assumption: ``RM(W)`` on the last real token, 0 elsewhere.
+
+    See ``docs/theory.md#the-token-mdp``.
+    """
     m = mask.bool()
     cols = torch.arange(m.shape[1], device=m.device)
     last = torch.where(m, cols, -1).max(dim=1).values
@@ -259,7 +276,8 @@ def compute_gae(
     value after the last real token is 0 (the response is scored, so the episode ends).
     Masked-out columns are skipped, not treated as steps. ``returns = A + V`` is the
     lambda-return, the critic's target. No gradient flows (``values`` is detached). With
-    ZRA rewards and ``gamma = lam = 1``: ``A_t = RM(W) - V(s_t)`` (table in section 3).
+    ZRA rewards and ``gamma = lam = 1``: ``A_t = RM(W) - V(s_t)``
+    (``docs/theory.md#estimators``).
     """
     m = mask.bool()
     dtype = torch.promote_types(_float(values).dtype, token_rewards.dtype)
@@ -311,7 +329,9 @@ def _interpolate(values: Tensor, known: Tensor, linear: bool) -> Tensor:
 
 @register_advantage("trepo")
 def trepo(batch: AdvantageInputs, *, interpolation: str = "linear") -> Tensor:
-    """TRePO (paper-notes section 4; VinePPO arXiv 2410.01679): ``A_t = V_hat(s_{t+1}) - V_hat(s_t)``.
+    """TRePO: ``A_t = V_hat(s_{t+1}) - V_hat(s_t)``.
+
+    ``docs/theory.md#trepo``; VinePPO, arXiv 2410.01679.
 
     Theorem 2 (28). ``V_hat`` over columns ``0..T`` of ``prefix_values`` (column ``j`` =
     ``s_{j+1}``): entries with ``prefix_known`` are Monte Carlo estimates; the terminal
@@ -355,6 +375,39 @@ def trepo(batch: AdvantageInputs, *, interpolation: str = "linear") -> Tensor:
         fresh = known[:, :-1] & known[:, 1:] & ~terminal[:, 1:]
         v_next = torch.where(fresh, batch.next_values.to(v.dtype), v_next)
     return _masked(v_next - v[:, :-1], m)
+
+
+# ------------------------------------------------------------------ advantage transforms
+
+
+@register_advantage_transform("whiten")
+def whiten(
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    all_reduce: Callable[[Tensor], Tensor] | None = None,
+    eps: float = 1e-8,
+) -> Tensor:
+    """``(A - mean) / (std + eps)`` over the real tokens of the batch (PPO's whitening).
+
+    Mean and unbiased std are over every token with ``mask`` set, on every rank when
+    ``all_reduce`` (a sum over ranks) is given: the result does not depend on how the
+    batch is split. Computed in float64, returned in ``advantages``' dtype, 0 on padding.
+
+    Not an unbiased estimator of ``grad J`` any more (``docs/theory.md#estimators``):
+    subtracting the batch mean is a baseline that depends on the sample, and dividing by
+    the std rescales the step; both are what PPO implementations do.
+    """
+    m = mask.bool()
+    a = advantages[m].double()
+    n = torch.tensor(float(a.numel()), dtype=a.dtype, device=a.device)
+    sums = torch.stack([a.sum(), (a * a).sum(), n])
+    if all_reduce is not None:
+        sums = all_reduce(sums)
+    mean = sums[0] / sums[2].clamp(min=1)
+    var = (sums[1] - sums[2] * mean**2) / (sums[2] - 1).clamp(min=1)
+    out = (advantages.double() - mean) / (var.clamp(min=0).sqrt() + eps)
+    return torch.where(m, out, 0.0).to(advantages.dtype)
 
 
 # ------------------------------------------------------------------------ KL estimators

@@ -181,7 +181,7 @@ def test_dynamic_sampling_divides_the_expected_gradient_by_the_kept_probability(
 def test_verify_off_policy_cli_passes_and_writes_the_figure(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from llm_mdp.theory.report import verify_cli
+    from llm_mdp.theory import verify_cli
 
     png, js = tmp_path / "offpolicy.png", tmp_path / "offpolicy.json"
     assert verify_cli(["--off-policy", "--plot", str(png), "--json", str(js)]) == 0

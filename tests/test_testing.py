@@ -1,6 +1,6 @@
 """The public testing API (``llm_mdp.testing``) and its pytest plugin.
 
-Every built-in estimator gets the verdict of paper-notes section 3 through the public
+Every built-in estimator gets the verdict of docs/theory.md#estimators through the public
 API; planted bugs are caught with the right HINT; the plugin's fixtures work in a fresh
 project that only has llm-mdp installed.
 """
@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def mdp():
-    return small_mdp()  # paper-notes section 5: tabular, per-token rewards, gamma 1
+    return small_mdp()  # docs/theory.md#the-token-mdp: tabular, per-token rewards, gamma 1
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_reference_policy_hits_the_target_kl(mdp, gpt2):
         assert 0.04 <= report.exact_kl <= 0.06
 
 
-# ------------------------------------------------ built-in estimators: the notes' verdicts
+# ------------------------------------------------ built-in estimators: the verdicts of docs/theory.md
 
 
 def test_unbiased_builtins(mdp):

@@ -292,7 +292,7 @@ def test_verify_table_fits_the_width_and_keeps_every_cell(small_report: Any, wid
     import io
 
     from llm_mdp.theory import format_report, print_report
-    from llm_mdp.theory.report import _tables
+    from llm_mdp.theory.display import _tables
 
     _, tables = _tables(small_report)
     cells = {c for _, head, body in tables for row in [head, *body] for c in row}

@@ -2,7 +2,7 @@
 
 ``G`` responses per prompt; advantage ``(R_i - mean_group) / (std_group + eps)`` on every
 token, PPO-clip surrogate, per-sequence token mean, and ``beta * k3`` KL in the *loss*.
-paper-notes section 3: the mean includes the sample itself, so the mean-only variant is
+``docs/theory.md#estimators``: the mean includes the sample itself, so the mean-only variant is
 ``(G-1)/G`` times the unbiased gradient; the std division re-weights groups (a
 per-group learning rate). Dr. GRPO (arXiv 2503.20783) is ``std_scaling="none"`` with
 ``aggregation="seq-mean-token-sum-norm"``.

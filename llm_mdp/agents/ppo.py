@@ -5,7 +5,7 @@ token rewards -- ``RM(W)`` on the last token (Zero-Reward Assumption) minus ``be
 per token -- gives the advantages; the policy takes ``epochs`` x ``minibatches``
 clipped-surrogate steps and the critic a clipped value-regression step.
 
-paper-notes section 3: with ZRA, ``gamma = 1`` and ``lambda = 1`` the advantage is
+``docs/theory.md#estimators``: with ZRA, ``gamma = 1`` and ``lambda = 1`` the advantage is
 ``RM(W) - V_phi(s_t)``: unbiased for an exact critic (Lemma 2), a per-position baseline.
 
 Critic: a *separate* network, a copy of the policy's transformer trunk (no LM head) plus
@@ -115,13 +115,7 @@ class PPO(Agent):
         adv, returns = est.compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)
         batch.extras["values"], batch.extras["returns"] = values, returns
         if cfg.whiten_advantages:  # mean and std over the global batch (all ranks)
-            m = mask.bool()
-            a = adv[m].double()
-            n = torch.tensor(float(a.numel()), dtype=a.dtype, device=a.device)
-            s = self.dist.all_reduce(torch.stack([a.sum(), (a * a).sum(), n]))
-            mean = s[0] / s[2]
-            var = (s[1] - s[2] * mean**2) / (s[2] - 1).clamp(min=1)
-            adv = torch.where(m, (adv - mean) / (var.clamp(min=0).sqrt() + 1e-8), 0.0).float()
+            adv = est.get_advantage_transform("whiten")(adv, mask, all_reduce=self.dist.all_reduce)
         return adv
 
     @property

@@ -2,7 +2,7 @@
 
 ``G`` responses per prompt; response ``i`` is weighted by ``R_i - mean_{j != i} R_j``.
 The baseline excludes the sample itself, so the estimate of ``grad J`` stays unbiased
-(paper-notes section 3), unlike GRPO's group mean. KL to the reference goes into the
+(``docs/theory.md#estimators``), unlike GRPO's group mean. KL to the reference goes into the
 reward, as in the RLOO paper's RLHF set-up.
 """
 

@@ -1,4 +1,4 @@
-"""TRePO, Token-Reinforced Policy Optimization (paper-notes section 4).
+"""TRePO, Token-Reinforced Policy Optimization (``docs/theory.md#trepo``).
 
 Theorem 2 (28) of the paper: the per-token weight ``V(s_{t+1}) - V(s_t)`` -- the value
 after token ``t`` minus the value before it -- is the advantage written with
@@ -32,6 +32,7 @@ import torch
 from llm_mdp import estimators as est
 from llm_mdp.agents.base import STREAM_VALUE, Agent, AgentConfig
 from llm_mdp.agents.rollout import EnvPool, Rollout, rollout_prefixes
+from llm_mdp.anchors import anchor_plan, place_estimates
 from llm_mdp.validation import Range
 
 
@@ -102,31 +103,26 @@ class TRePO(Agent):
         prompts = batch.prompt_indices.tolist()
         rows = self.global_rows.tolist()
 
-        # which prefix values to estimate: column c is V_hat(s_{c+1}), c response tokens
-        before: set[tuple[int, int]] = set()
-        after: set[tuple[int, int]] = set()
+        # which prefix values to estimate: one plan, shared with the exact check
+        dev = batch.rewards.device
+        anchors = torch.zeros((B, L), dtype=torch.bool)
         for i, T in enumerate(lengths):
-            positions: list[int] = list(range(1, T + 1))
-            if cfg.num_anchors is not None and cfg.num_anchors < T:
+            if cfg.num_anchors is None or cfg.num_anchors >= T:
+                anchors[i, :T] = True
+            else:
                 # a row's anchors depend on (seed, update, global row) only: the same
                 # whatever the batching or the world size
                 row_rng = np.random.default_rng([cfg.seed, self.update, rows[i]])
-                positions = sorted((row_rng.choice(T, cfg.num_anchors, replace=False) + 1).tolist())
-            for t in positions:
-                if t - 1 > 0:
-                    before.add((i, t - 1))
-                if t < T:
-                    after.add((i, t))
-        fresh = cfg.value_estimates == "fresh"
-        jobs = sorted(before | (set() if fresh else after)) + (sorted(after) if fresh else [])
-        n_before = len(jobs) - (len(after) if fresh else 0)
+                anchors[i, row_rng.choice(T, cfg.num_anchors, replace=False)] = True
+        plan = anchor_plan(
+            batch.response_lengths.cpu(), anchors, value_estimates=cfg.value_estimates
+        )
+        jobs = plan.jobs()  # (row, column, slot); V_hat(s_1) comes from the group below
         K = cfg.rollouts_per_prefix
-        # one random stream per (global row, column, k, before/after): independent of how
-        # the value rollouts are batched, so the estimates do not depend on it
+        # one random stream per (global row, column, k, slot): independent of how the
+        # value rollouts are batched, so the estimates do not depend on it
         keys = [
-            (rows[i] << 32) | (c << 16) | (k << 1) | int(j >= n_before)
-            for j, (i, c) in enumerate(jobs)
-            for k in range(K)
+            (rows[i] << 32) | (c << 16) | (k << 1) | slot for i, c, slot in jobs for k in range(K)
         ]
         streams = self.streams(
             STREAM_VALUE, torch.tensor(keys, dtype=torch.long, device=self.env.device)
@@ -134,33 +130,25 @@ class TRePO(Agent):
         rewards = rollout_prefixes(
             self.value_envs,
             self.policy,
-            [prompts[i] for i, _ in jobs],
-            [responses[i][:c] for i, c in jobs],
+            [prompts[i] for i, _, _ in jobs],
+            [responses[i][:c] for i, c, _ in jobs],
             copies=K,
             streams=streams,
             batch_size=cfg.value_batch_size or self.default_value_batch_size,
         )
-        means = rewards.mean(1).tolist()
+        means = rewards.mean(1).cpu() if jobs else torch.zeros(0)
 
-        dev = batch.rewards.device
-        values = torch.zeros((B, L + 1), device=dev)
-        known = torch.zeros((B, L + 1), dtype=torch.bool, device=dev)
-        next_values = torch.full((B, L), float("nan"), device=dev) if fresh else None
-        for j, ((i, c), v) in enumerate(zip(jobs, means, strict=True)):
-            if j < n_before:
-                values[i, c], known[i, c] = v, True
-            else:
-                assert next_values is not None
-                next_values[i, c - 1] = v
-                if (i, c) not in before:  # an "after" estimate is also V_hat at column c
-                    values[i, c], known[i, c] = v, True
-        if next_values is not None:  # no fresh estimate of V_hat(s_{t+1}): use the shared one
-            next_values = torch.where(next_values.isnan(), values[:, 1:], next_values)
+        slots = torch.zeros((2, B, L + 1), dtype=batch.rewards.dtype)
+        if jobs:
+            where = torch.tensor(jobs, dtype=torch.long)
+            slots[where[:, 2], where[:, 0], where[:, 1]] = means.to(slots.dtype)
         # V_hat(s_1): leave-one-out mean of the other responses to the same prompt
         G = batch.group_size
-        r = batch.rewards.view(-1, G)
-        values[:, 0] = ((r.sum(1, keepdim=True) - r) / (G - 1)).reshape(-1)
-        known[:, 0] = True
+        r = batch.rewards.view(-1, G).cpu()
+        slots[0, :, 0] = ((r.sum(1, keepdim=True) - r) / (G - 1)).reshape(-1)
+        values, next_values = place_estimates(plan, slots[0], slots[1])
+        values, known = values.to(dev), plan.known.to(dev)
+        next_values = next_values.to(dev) if next_values is not None else None
         batch.extras.update(prefix_values=values, prefix_known=known, next_values=next_values)
         batch.extras["value_rollouts"] = len(jobs) * K
         return batch

@@ -3,7 +3,7 @@
 State ``s_t`` = prompt + response tokens so far; action = the next token; the transition
 appends it (deterministic, so the state graph is a tree). Under the Zero-Reward
 Assumption every step pays 0.0 except the last, which pays the response-level reward
-``RM(W)`` of the finished response (paper-notes section 1).
+``RM(W)`` of the finished response (``docs/theory.md#the-token-mdp``).
 
 Observation layout (every row, width ``W = P + R``)::
 

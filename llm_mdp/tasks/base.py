@@ -3,7 +3,7 @@
 A :class:`Task` is everything the token MDP needs that is not the policy: the prompts
 ``w_0``, the tokenizer that maps text to the action space, the response-level reward
 model, and (optionally) the true token-level rewards ``r_t`` that the Zero-Reward
-Assumption hides from the learner (paper-notes section 1).
+Assumption hides from the learner (``docs/theory.md#the-token-mdp``).
 
 Reward functions are *batched*: they receive a :class:`ResponseBatch` holding every
 response that finished on one env step, with token ids and (lazily decoded) text, and

@@ -11,27 +11,14 @@ from torch import Tensor
 from llm_mdp.policies import TabularPolicy
 from llm_mdp.theory import ExactModel
 
-from .mdps import TOKEN_NAMES
-
 SHOW = 5  # coordinates listed in a failure message
-
-
-def _token(model: ExactModel, token: int) -> str:
-    if set(model.tree.actions) <= set(TOKEN_NAMES) and token in TOKEN_NAMES:
-        return repr(TOKEN_NAMES[token])
-    return str(token)
-
-
-def _text(model: ExactModel, ids: tuple[int, ...]) -> str:
-    if set(ids) <= set(TOKEN_NAMES) and set(model.tree.actions) <= set(TOKEN_NAMES):
-        return "".join(TOKEN_NAMES[i] for i in ids)
-    return " ".join(map(str, ids))
 
 
 def coordinate_namer(model: ExactModel) -> Callable[[int], str]:
     """``index -> "name[i, j]"`` over the flattened trainable parameters of ``model``.
 
     For a :class:`~llm_mdp.policies.TabularPolicy` the logit's state and token are added,
+    named by the MDP's tokenizer (:meth:`~llm_mdp.theory.tables.ExactTables.token_name`),
     e.g. ``logits[1, 3] (state 'a' + 'a', token 'b')``.
     """
     spans: list[tuple[int, str, tuple[int, ...]]] = []
@@ -56,8 +43,8 @@ def coordinate_namer(model: ExactModel) -> Callable[[int], str]:
                 if nodes is not None and pname == "logits" and len(idx) == 2:
                     prompt, prefix = nodes[idx[0]]
                     out += (
-                        f" (state {_text(model, prompt)!r} + {_text(model, prefix)!r}, "
-                        f"token {_token(model, idx[1])})"
+                        f" (state {model.text(prompt)!r} + {model.text(prefix)!r}, "
+                        f"token {model.token_name(idx[1])!r})"
                     )
                 return out
         return f"#{index}"

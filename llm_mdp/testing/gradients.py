@@ -166,7 +166,8 @@ def gradient_report(
             groups separately, else Monte Carlo; Monte Carlo too when an estimator of
             TRePO's sampled values is not affine in them to 1e-9, e.g. computed in
             float32), ``"exact"`` or ``"mc"``.
-        mc_samples, seed: Monte Carlo draws and their seed.
+        mc_samples: Monte Carlo draws.
+        seed: seed of the Monte Carlo draws.
         name: display name (default: the function's name).
     """
     model = small_mdp() if mdp is None else mdp

@@ -3,7 +3,7 @@
 With ``x = log pi - log pi_ref`` on the sampled token, the sequence-level reverse KL is
 ``KL(pi || pi_ref) = E_W sum_t x_t``. k1 (``x``) and k3 (``exp(-x) - 1 + x``) have exactly
 that expectation; k2 (``x^2 / 2``) only to second order in ``pi - pi_ref``. Placements
-(paper-notes section 3): ``"reward"`` (the estimate, detached, in the token rewards with a
+(``docs/theory.md#kl``): ``"reward"`` (the estimate, detached, in the token rewards with a
 REINFORCE return: unbiased for k1) and ``"loss"`` (added to the loss and differentiated:
 k3's gradient ``(1 - pi_ref / pi) grad log pi`` is not the reverse KL's).
 """
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from llm_mdp.theory import ExactModel, KLModel
-from llm_mdp.theory.exact import F64
+from llm_mdp.theory.specs import F64
 
 from ._format import coordinate_namer, describe_mdp, fmt, worst_coordinates
 from ._registry import display_name, registered_kl

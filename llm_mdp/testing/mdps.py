@@ -1,7 +1,7 @@
 """Ready small MDPs with exact answers, a reference policy for KL checks, a loss batch.
 
 :func:`small_mdp` builds an :class:`~llm_mdp.theory.ExactModel` on the tree of
-paper-notes section 5 (prompt ``"a"``, actions ``{a, b, EOS}``): every response, its
+``docs/theory.md#the-token-mdp`` (prompt ``"a"``, actions ``{a, b, EOS}``): every response, its
 probability, its reward, ``J`` and ``grad J`` exactly, in float64. Choose the policy
 (tabular or a tiny transformer), the seed, gamma, and the kind of rewards:
 
@@ -35,18 +35,17 @@ import torch
 from torch import Tensor
 
 from llm_mdp.policies import TabularPolicy
-from llm_mdp.tasks import hidden_rewards_task
+from llm_mdp.tasks import char_tokenizer, hidden_rewards_task
 from llm_mdp.theory import ExactModel, make_policy
-from llm_mdp.theory.exact import F64, _as_f64_policy, _node_log_probs
-from llm_mdp.theory.setups import ACTIONS, EOS, A
+from llm_mdp.theory.setups import ACTIONS, ALPHABET, EOS, A
+from llm_mdp.theory.specs import F64
+from llm_mdp.theory.tables import as_f64_policy, node_log_probs
 
-__all__ = ["MDP_KINDS", "TOKEN_NAMES", "loss_batch", "reference_policy", "small_mdp"]
+__all__ = ["MDP_KINDS", "loss_batch", "reference_policy", "small_mdp"]
 
 MDP_KINDS = ("tabular", "gpt2", "llama")
 """Policies of :func:`small_mdp`: a table of logits, a 1-layer GPT-2, a 1-layer Llama."""
 
-TOKEN_NAMES = {EOS: "<eos>", A: "a", A + 1: "b"}
-"""Token ids of :func:`small_mdp`'s vocabulary (``char_tokenizer("ab")``)."""
 
 PROMPTS = ("a", "b", "ab", "ba", "aa", "bb")
 _PROMPT_IDS = {t: tuple(A if c == "a" else A + 1 for c in t) for t in PROMPTS}
@@ -128,6 +127,19 @@ def small_mdp(
             policy, task, horizon=horizon, length_cap=length_cap, actions=ACTIONS, gamma=gamma
         )
     prompts = [_PROMPT_IDS[t] for t in texts]
+
+    def build(**rewards: Any) -> ExactModel:
+        return ExactModel.from_functions(
+            policy,
+            prompts,
+            ACTIONS,
+            EOS,
+            horizon,
+            length_cap=length_cap,
+            tokenizer=char_tokenizer(ALPHABET),
+            **rewards,
+        )
+
     if zra:
         if binary_rewards:
 
@@ -138,9 +150,7 @@ def small_mdp(
             def reward(p: tuple[int, ...], response: tuple[int, ...]) -> float:
                 return 2.0 * _uniform("zra", seed, p, response) - 1.0
 
-        return ExactModel.from_functions(
-            policy, prompts, ACTIONS, EOS, horizon, length_cap=length_cap, reward=reward
-        )
+        return build(reward=reward)
 
     @cache
     def paid_before(p: tuple[int, ...], prefix: tuple[int, ...]) -> bool:
@@ -154,9 +164,7 @@ def small_mdp(
     def token_reward(p: tuple[int, ...], prefix: tuple[int, ...], token: int) -> float:
         return float(hit(p, prefix, token) and not paid_before(p, prefix))
 
-    return ExactModel.from_functions(
-        policy, prompts, ACTIONS, EOS, horizon, length_cap=length_cap, token_reward=token_reward
-    )
+    return build(token_reward=token_reward)
 
 
 def _perturbed(policy: Any, direction: list[Tensor | None], distance: float) -> Any:
@@ -171,9 +179,9 @@ def _perturbed(policy: Any, direction: list[Tensor | None], distance: float) -> 
 def _sequence_kl(model: ExactModel, ref: Any) -> float:
     """``KL(pi || pi_ref)`` over the responses of ``model``'s tree."""
     tree = model.tree
-    ref64 = _as_f64_policy(ref, F64)
+    ref64 = as_f64_policy(ref, F64)
     with torch.no_grad():
-        table = _node_log_probs(ref64, tree, next(ref64.parameters()).device).cpu()
+        table = node_log_probs(ref64, tree, next(ref64.parameters()).device).cpu()
     flat_ref, flat = table.reshape(-1), model.log_pi.reshape(-1)
     x = (flat[tree.pair] - flat_ref[tree.pair]).masked_fill(~tree.mask, 0.0)
     return float(model.prob @ x.sum(1))

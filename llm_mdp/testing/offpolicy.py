@@ -102,7 +102,8 @@ def offpolicy_report(
         loss: policy loss, a name or ``fn(logp, old_logp, advantages, mask, **options)``
             returning a :class:`~llm_mdp.estimators.PolicyLossOutput`.
         old: ``"target"`` (the loss's ``old_logp`` is ``pi``'s) or ``"behavior"`` (``mu``'s).
-        Others as :func:`~llm_mdp.testing.gradient_report`.
+
+    The other arguments are those of :func:`~llm_mdp.testing.gradient_report`.
     """
     model = small_mdp() if mdp is None else mdp
     beh = _behavior(model, behavior)

@@ -7,37 +7,28 @@
   estimators by name (:class:`EstimatorSpec`), theory weightings by name
   (:data:`THEORY_WEIGHTINGS`).
 * :class:`KLModel`, :func:`kl_rows`: exact KL to a reference and each KL estimator.
-* :func:`paper_setup`: paper-notes section 5 (tabular, tiny GPT-2 or tiny Llama policy).
+* :func:`paper_setup`: the small set-up of ``docs/theory.md#eq-26`` (tabular, tiny GPT-2 or
+  tiny Llama policy).
 * :func:`verify`, :func:`print_report`, :func:`plot_bias_variance`, :func:`verify_cli`.
 """
 
-from .exact import (
-    ALL_EXACT,
-    THEORY_WEIGHTINGS,
-    Comparison,
-    EstimatorSpec,
-    ExactModel,
-    GradientMoments,
-    InputSpec,
-    compare,
-)
+from .display import format_report, plot_bias_variance, print_report, verify_cli
 from .kl import KL_PLACEMENTS, KLModel, KLRow, kl_rows
+from .moments import ExactModel
 from .report import (
     EstimatorRow,
     IdentityRow,
     SetupInfo,
     VerifyReport,
     estimator_row,
-    format_report,
     identity_rows,
-    plot_bias_variance,
-    print_report,
     standard_specs,
     verify,
-    verify_cli,
 )
 from .setups import POLICY_KINDS, make_policy, paper_setup
+from .specs import ALL_EXACT, Comparison, EstimatorSpec, GradientMoments, InputSpec, compare
 from .tree import LENGTH_CAPS, ResponseTree, enumerate_tree
+from .weightings import THEORY_WEIGHTINGS
 
 __all__ = [
     "ALL_EXACT",

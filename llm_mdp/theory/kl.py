@@ -32,8 +32,10 @@ from torch import Tensor
 
 from llm_mdp import estimators as est
 
-from .exact import F64, ExactModel, GradientMoments, _as_f64_policy, _flat_grad, _node_log_probs
-from .exact import compare as compare_gradients
+from .moments import ExactModel
+from .specs import F64, GradientMoments
+from .specs import compare as compare_gradients
+from .tables import as_f64_policy, flat_grad, node_log_probs
 
 __all__ = ["KL_PLACEMENTS", "KLModel", "KLRow", "kl_rows"]
 
@@ -83,9 +85,9 @@ class KLModel:
     def __init__(self, model: ExactModel, ref_policy: Any) -> None:
         self.model = model
         tr = model.tree
-        ref = _as_f64_policy(ref_policy, F64)
+        ref = as_f64_policy(ref_policy, F64)
         with torch.no_grad():
-            ref_table = _node_log_probs(ref, tr, next(ref.parameters()).device).cpu()
+            ref_table = node_log_probs(ref, tr, next(ref.parameters()).device).cpu()
         self.ref_log_pi = ref_table
         flat_ref = ref_table.reshape(-1)
         self.ref_logp = flat_ref[tr.pair].masked_fill(~tr.mask, 0.0)
@@ -99,7 +101,7 @@ class KLModel:
         graph = model._log_pi_graph.reshape(-1)
         logp_graph = graph[tr.pair].masked_fill(~tr.mask, 0.0).sum(1)
         kl_graph = (model._prob_graph * (logp_graph - self.ref_logp.sum(1))).sum()
-        self.grad_kl = _flat_grad(kl_graph, model.params)
+        self.grad_kl = flat_grad(kl_graph, model.params)
 
     def estimates(self, name: str) -> tuple[Tensor, Tensor]:
         """``(k, dk/dlogp)``, both ``(N, H)``, of a registered KL estimator."""

@@ -41,16 +41,9 @@ from torch import Tensor
 from llm_mdp import estimators as est
 from llm_mdp import estimators_offpolicy as offp
 
-from .exact import (
-    F64,
-    Comparison,
-    EstimatorSpec,
-    ExactModel,
-    GradientMoments,
-    InputSpec,
-    _as_f64_policy,
-    _node_log_probs,
-)
+from .moments import ExactModel
+from .specs import F64, Comparison, EstimatorSpec, GradientMoments, InputSpec
+from .tables import as_f64_policy, node_log_probs
 
 __all__ = [
     "BEHAVIOR_KINDS",
@@ -154,9 +147,9 @@ def make_behavior(
     elif kind == "stale":
         if policy is None:
             raise ValueError("kind='stale' needs policy= (the behavior policy object)")
-        pol = _as_f64_policy(policy, F64)
+        pol = as_f64_policy(policy, F64)
         with torch.no_grad():
-            log_mu = _node_log_probs(pol, tr, next(pol.parameters()).device).cpu()
+            log_mu = node_log_probs(pol, tr, next(pol.parameters()).device).cpu()
         name = "stale"
     elif kind == "perturbed":
         gen = torch.Generator().manual_seed(seed)

@@ -30,8 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .exact import F64, ExactModel, _as_f64_policy, _flat_grad, _node_log_probs
 from .kl import KLModel
+from .moments import ExactModel
+from .specs import F64
+from .tables import as_f64_policy, flat_grad, node_log_probs
 
 __all__ = ["KL_GRADIENTS", "documented_kl_gradient"]
 
@@ -51,17 +53,17 @@ def documented_kl_gradient(model: ExactModel, ref_policy: Any, name: str, placem
     if (name, placement) not in KL_GRADIENTS:
         raise ValueError(f"no documented gradient for {(name, placement)}; known: {KL_GRADIENTS}")
     tr = model.tree
-    graph = _node_log_probs(model.policy, tr, model.device).cpu()  # (n_nodes, A), differentiable
-    ref = _as_f64_policy(ref_policy, F64)
+    graph = node_log_probs(model.policy, tr, model.device).cpu()  # (n_nodes, A), differentiable
+    ref = as_f64_policy(ref_policy, F64)
     with torch.no_grad():
-        ref_table = _node_log_probs(ref, tr, next(ref.parameters()).device).cpu()
+        ref_table = node_log_probs(ref, tr, next(ref.parameters()).device).cpu()
     live = torch.isfinite(graph.detach()) & torch.isfinite(ref_table)
     zero = torch.zeros((), dtype=F64)
     if placement == "reward":
         k, _ = KLModel(model, ref_policy).estimates(name)
         logp_w = graph.reshape(-1)[tr.pair].masked_fill(~tr.mask, 0.0).sum(1)
         prob = logp_w.exp() / len(tr.prompts)
-        return _flat_grad((prob * k.sum(1)).sum(), model.params, retain=False)
+        return flat_grad((prob * k.sum(1)).sum(), model.params, retain=False)
     if name == "k1":
         return torch.zeros(model.num_params, dtype=F64)
     pi = graph.exp()
@@ -69,4 +71,4 @@ def documented_kl_gradient(model: ExactModel, ref_policy: Any, name: str, placem
         per_state = torch.where(live, pi * (graph - ref_table), zero).sum(1)
     else:  # k3: forward KL(pi_ref || pi) = sum_w ref (log ref - log pi)
         per_state = torch.where(live, ref_table.exp() * (ref_table - graph), zero).sum(1)
-    return _flat_grad((model.node_prob * per_state).sum(), model.params, retain=False)
+    return flat_grad((model.node_prob * per_state).sum(), model.params, retain=False)

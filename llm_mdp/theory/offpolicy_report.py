@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
-from .exact import ExactModel, InputSpec
+from .moments import ExactModel
 from .offpolicy import Behavior, OffPolicyModel, OffPolicySpec, make_behavior
 from .setups import paper_setup
+from .specs import InputSpec
 
 __all__ = [
     "OffPolicyReport",

@@ -1,35 +1,29 @@
-"""``verify``: every estimator of the paper against the exact gradient, as rows and a table.
+"""``verify``: every estimator of the paper against the exact gradient, as rows.
 
-:func:`verify` builds the paper-notes section 5 set-up (or takes an
-:class:`~llm_mdp.theory.exact.ExactModel`), evaluates the theory weightings, every
+:func:`verify` builds the small set-up of ``docs/theory.md#eq-26`` (or takes an
+:class:`~llm_mdp.theory.moments.ExactModel`), evaluates the theory weightings, every
 registered advantage estimator (the built-ins in their paper configurations, any other
 one generically), the aggregation modes and the KL estimators, and returns a
-:class:`VerifyReport`. :func:`print_report` prints it (a ``rich`` table when available),
-:func:`plot_bias_variance` draws bias against variance, :func:`verify_cli` is
-``llm-mdp verify``.
+:class:`VerifyReport`. Its presentation (tables, ``llm-mdp verify``) is in
+:mod:`llm_mdp.theory.display`, the bias/variance plot in :mod:`llm_mdp.plotting`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
-import shutil
-import sys
-import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 
 from llm_mdp import estimators as est
 
-from .exact import ALL_EXACT, EstimatorSpec, ExactModel, GradientMoments, InputSpec
 from .kl import KLRow, kl_rows
+from .moments import ExactModel
 from .setups import make_policy, paper_setup
+from .specs import ALL_EXACT, EstimatorSpec, GradientMoments, InputSpec
 
 __all__ = [
     "EstimatorRow",
@@ -37,13 +31,9 @@ __all__ = [
     "SetupInfo",
     "VerifyReport",
     "estimator_row",
-    "format_report",
     "identity_rows",
-    "plot_bias_variance",
-    "print_report",
     "standard_specs",
     "verify",
-    "verify_cli",
 ]
 
 Z_CRIT = 5.0
@@ -242,6 +232,16 @@ def standard_specs(
             EstimatorSpec(
                 "gae",
                 {"lam": 1.0},
+                inputs=InputSpec(token_rewards="true", values="zero"),
+                label="(26) true r, return-to-go [gae, V=0]",
+                expected=at_one,
+            ),
+        ),
+        (
+            "per-token",
+            EstimatorSpec(
+                "gae",
+                {"lam": 1.0},
                 inputs=dataclasses.replace(zra, values="zero"),
                 label="(26) ZRA + gamma [gae, V=0]",
                 expected=at_one,
@@ -407,8 +407,11 @@ def verify(
     """Check every estimator against the exact ``grad J``; see the module docstring.
 
     Args:
-        gamma, horizon, length_cap, seed, policy: the :func:`paper_setup` (ignored when
-            ``model`` is given). ``policy`` is ``"tabular"``, ``"gpt2"`` or ``"llama"``.
+        gamma: discount of the :func:`paper_setup` (ignored when ``model`` is given).
+        horizon: most tokens per response of the set-up.
+        length_cap: ``"force-eos"`` or ``"env"`` (:data:`~llm_mdp.theory.tree.LENGTH_CAPS`).
+        seed: seed of the set-up's rewards and policy.
+        policy: ``"tabular"``, ``"gpt2"`` or ``"llama"``.
         group_size: ``G`` of the group estimators and aggregation rows.
         mc_samples: Monte Carlo draws when a group enumeration would exceed
             ``max_groups`` ordered groups (or the estimator mixes groups).
@@ -476,242 +479,3 @@ def verify(
 
 
 # ----------------------------------------------------------------------------- printing
-
-
-def _fmt_err(x: float) -> str:
-    return f"{x:.1e}"
-
-
-def _mark(passed: bool | None) -> str:
-    return {True: "ok", False: "FAIL", None: "-"}[passed]
-
-
-def _tables(report: VerifyReport) -> tuple[str, list[tuple[str, list[str], list[list[str]]]]]:
-    s = report.setup
-    title = (
-        f"llm-mdp verify: {s.policy} policy ({s.num_params} parameters), {s.num_responses} "
-        f"responses ({s.length_cap}, H={s.horizon}), gamma={s.gamma}, G={s.group_size}, "
-        f"seed={s.seed}: J={s.J:.6f}, |grad J|={s.grad_norm:.4f}, {s.seconds:.1f} s"
-    )
-    tables = []
-    tables.append(
-        (
-            "Exact identities",
-            ["identity", "max |error|", "check"],
-            [[r.identity, _fmt_err(r.max_abs_error), _mark(r.passed)] for r in report.identities],
-        )
-    )
-    head = ["section", "estimator", "expected", "method", "max|E g - grad J|", "cosine",
-            "projection", "tr Cov (draw)", "tr Cov / resp", "check"]  # fmt: skip
-    body = []
-    for r in report.rows:
-        method = r.method
-        if r.method == "monte-carlo":
-            method = f"mc n={r.num_draws} z={r.z_max:.1f}"
-        elif r.method == "enumerated":
-            method = f"{r.num_draws} " + ("groups" if r.n_responses > 1 else "responses")
-        body.append(
-            [
-                r.section,
-                r.estimator,
-                r.expected.replace("scaled x", "x"),
-                method,
-                _fmt_err(r.max_abs_error),
-                f"{r.cosine:.4f}",
-                f"{r.projection:.4f}",
-                f"{r.trace_cov:.4f}",
-                f"{r.trace_cov_per_response:.4f}",
-                _mark(r.passed),
-            ]
-        )
-    tables.append(("Gradient estimators vs exact grad J", head, body))
-    if report.kl:
-        kl_head = ["estimator", "placement", "E sum_t k", "exact KL", "value error",
-                   "max|E g - grad KL|", "cosine", "projection", "expected", "check"]  # fmt: skip
-        kl_body = [
-            [
-                r.estimator,
-                r.placement,
-                f"{r.expected_value:.6f}",
-                f"{r.exact_kl:.6f}",
-                _fmt_err(r.value_error),
-                _fmt_err(r.grad_max_abs_error),
-                f"{r.grad_cosine:.4f}",
-                f"{r.grad_projection:.4f}",
-                r.expected,
-                _mark(r.passed),
-            ]
-            for r in report.kl
-        ]
-        tables.append(("KL(pi || pi_ref) estimators", kl_head, kl_body))
-    return title, tables
-
-
-def format_report(report: VerifyReport, width: int | None = None) -> str:
-    """Plain-text rendering of the report, lines at most ``width`` characters (``None``:
-    no limit). A table wider than that is cut into column groups that repeat its leading
-    (name) columns; a line can exceed ``width`` only when the name columns and one more
-    do."""
-    title, tables = _tables(report)
-    out = [title] if width is None else textwrap.wrap(title, width)
-    for name, head, body in tables:
-        widths = [
-            max(len(h), *(len(row[i]) for row in body)) if body else len(h)
-            for i, h in enumerate(head)
-        ]
-        groups = _column_groups(widths, width, keep=_key_columns(head))
-        for k, cols in enumerate(groups):
-            out.append("")
-            out.append(name if len(groups) == 1 else f"{name} ({k + 1}/{len(groups)})")
-            out.append("  ".join(head[i].ljust(widths[i]) for i in cols).rstrip())
-            out.append("  ".join("-" * widths[i] for i in cols))
-            out.extend("  ".join(row[i].ljust(widths[i]) for i in cols).rstrip() for row in body)
-    out.append("")
-    out.append("all checks passed" if report.passed else "SOME CHECKS FAILED")
-    return "\n".join(out)
-
-
-def _key_columns(head: Sequence[str]) -> int:
-    """How many leading columns name a row (repeated in every column group)."""
-    return 2 if len(head) > 1 and head[1] in ("estimator", "placement") else 1
-
-
-def _column_groups(widths: Sequence[int], width: int | None, keep: int) -> list[list[int]]:
-    """Split column indices into groups whose joined width (2 spaces apart) fits ``width``;
-    each group starts with the first ``keep`` columns."""
-    every = list(range(len(widths)))
-    if width is None or sum(widths) + 2 * (len(widths) - 1) <= width:
-        return [every]
-    groups: list[list[int]] = []
-    current = every[:keep]
-    for i in every[keep:]:
-        if len(current) > keep and sum(widths[j] + 2 for j in current) + widths[i] > width:
-            groups.append(current)
-            current = every[:keep]
-        current = [*current, i]
-    groups.append(current)
-    return groups
-
-
-def output_width(stream: TextIO) -> int | None:
-    """The width to fit output to: the terminal's (or ``$COLUMNS``) when ``stream`` is a
-    terminal or ``COLUMNS`` is set, else ``None`` (a file or pipe: no limit)."""
-    isatty = getattr(stream, "isatty", None)
-    if (callable(isatty) and isatty()) or "COLUMNS" in os.environ:
-        return shutil.get_terminal_size().columns
-    return None
-
-
-def print_report(
-    report: VerifyReport,
-    file: TextIO | None = None,
-    *,
-    plain: bool = False,
-    width: int | None = None,
-) -> None:
-    """Print the report: a ``rich`` table when ``rich`` is importable, else plain text.
-
-    Lines fit ``width`` (default: :func:`output_width` of the stream, so a terminal's
-    width; no limit for a file or pipe).
-    """
-    stream = file if file is not None else sys.stdout
-    width = width if width is not None else output_width(stream)
-    try:
-        if plain:
-            raise ImportError
-        from rich.console import Console
-        from rich.markup import escape
-        from rich.table import Table
-    except ImportError:
-        print(format_report(report, width), file=stream)
-        return
-    console = Console(file=stream, width=width or 1000)  # a file: a width no table reaches
-    title, tables = _tables(report)
-    console.print(title)
-    for name, head, body in tables:
-        widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(head)]
-        # a rich column takes its text + 3 (padding, rule); cut into groups, never squeeze
-        # numbers into "0.10…"
-        limit = None if width is None else width - 3
-        groups = _column_groups([w + 1 for w in widths], limit, keep=_key_columns(head))
-        for k, cols in enumerate(groups):
-            label = name if len(groups) == 1 else f"{name} ({k + 1}/{len(groups)})"
-            table = Table(title=label, title_justify="left")
-            for i in cols:
-                left = head[i] in ("section", "estimator", "identity")
-                table.add_column(head[i], justify="left" if left else "right")
-            for row in body:
-                style = "red" if row[-1] == "FAIL" else None
-                table.add_row(*(escape(row[i]) for i in cols), style=style)
-            console.print(table)
-    console.print("all checks passed" if report.passed else "[red]SOME CHECKS FAILED[/red]")
-
-
-# ----------------------------------------------------------------------------- plotting
-
-
-def plot_bias_variance(rows: Sequence[EstimatorRow] | VerifyReport, path: str | Path) -> Path:
-    """Save a PNG: relative bias ``|E g - grad J| / |grad J|`` against ``tr Cov`` per response.
-
-    One labelled point per estimator row (``rows`` or a :class:`VerifyReport`); the y axis
-    is linear below ``1e-4`` so the unbiased estimators (bias ~1e-16) sit on the zero
-    line, the x axis logarithmic. Labels are nudged apart so that they stay readable.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    items = rows.rows if isinstance(rows, VerifyReport) else list(rows)
-    colors = {"per-token": "tab:blue", "group": "tab:orange", "trepo": "tab:green",
-              "aggregation": "tab:purple", "registry": "tab:gray"}  # fmt: skip
-    fig, ax = plt.subplots(figsize=(12, 7.5))
-    points = []
-    seen: set[str] = set()
-    for r in items:
-        x = max(r.trace_cov_per_response, 1e-12)
-        y = r.relative_error if math.isfinite(r.relative_error) else 0.0
-        c = colors.get(r.section, "black")
-        ax.scatter(x, y, color=c, s=28, label=None if r.section in seen else r.section, zorder=3)
-        seen.add(r.section)
-        points.append((x, y, r.estimator))
-    ax.set_xscale("log")
-    ax.set_yscale("symlog", linthresh=1e-4)
-    ax.set_ylim(-2e-5, 3.0)
-    ax.autoscale_view()
-    fig.canvas.draw()
-    placed: list[tuple[float, float, float, float]] = []
-    for x, y, text in sorted(points, key=lambda p: (p[1], p[0])):
-        px, py = ax.transData.transform((x, y))
-        w, h = 5.8 * len(text), 10.0
-        dy = 4.0
-        while any(
-            px + 4 < bx + bw and bx < px + 4 + w and py + dy < by + bh and by < py + dy + h
-            for bx, by, bw, bh in placed
-        ):
-            dy += h
-        placed.append((px + 4, py + dy, w, h))
-        ax.annotate(text, (x, y), fontsize=7, xytext=(4, dy * 72 / fig.dpi),
-                    textcoords="offset points",
-                    arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.6"} if dy > 4 else None)  # fmt: skip
-    ax.set_xlabel("trace of the covariance of the gradient, per response (log)")
-    ax.set_ylabel("relative bias |E g - grad J| / |grad J| (linear below 1e-4)")
-    ax.set_title("Policy-gradient estimators: exact bias vs variance")
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper right")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def verify_cli(argv: list[str] | None = None) -> int:
-    """``llm-mdp verify ARGS`` (its options and checks live in :mod:`llm_mdp.cli.verify`)."""
-    from llm_mdp.cli import main
-
-    return main(["verify", *(sys.argv[1:] if argv is None else argv)])

@@ -1,4 +1,7 @@
-"""Ready-made exact set-ups: paper-notes section 5 with a tabular or a tiny transformer policy."""
+"""Ready-made exact set-ups: the small set-up of ``docs/theory.md#the-token-mdp``.
+
+With a tabular or a tiny transformer policy.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from typing import Any
 from llm_mdp.policies import CausalLMPolicy, TabularPolicy, tiny_gpt2, tiny_llama
 from llm_mdp.tasks import hidden_rewards_task
 
-from .exact import ExactModel
+from .moments import ExactModel
 
 __all__ = ["POLICY_KINDS", "make_policy", "paper_setup"]
 
@@ -58,11 +61,13 @@ def paper_setup(
     policy: str | Any = "tabular",
     init_scale: float = 1.0,
 ) -> ExactModel:
-    """Paper-notes section 5: prompt ``"a"``, actions ``{a, b, EOS}``, random token rewards.
+    """The small set-up of ``docs/theory.md#the-token-mdp``.
+
+    Prompt ``"a"``, actions ``{a, b, EOS}``, random token rewards.
 
     Token rewards ``r(s_t, w_t) ~ U(-1, 1)`` from :func:`~llm_mdp.tasks.hidden_rewards_task`
     (``seed``), ``RM(W) = sum_t gamma^(t-1) r_t``. ``length_cap="force-eos"`` with
-    ``horizon=4`` gives the notes' 15 responses (``{a,b}^k EOS``, ``k = 0..3``);
+    ``horizon=4`` gives the 15 responses (``{a,b}^k EOS``, ``k = 0..3``);
     ``"env"`` the env's rule (31 responses for ``horizon=4``). ``policy`` is a kind from
     :data:`POLICY_KINDS` (seeded with ``seed``) or a policy object over the same vocabulary.
     """

@@ -10,7 +10,8 @@ length cap. Two length-cap conventions are supported (``length_cap``):
     ``actions = {a, b, EOS}`` and ``H = 4``: ``1+2+4+8 = 15`` responses ending in EOS plus
     ``16`` capped ones, 31 in all.
 
-``"force-eos"`` (paper-notes section 5: "up to 4 tokens, 15 responses")
+``"force-eos"`` (the small set-up of ``docs/theory.md#the-token-mdp``: "up to 4 tokens,
+15 responses")
     Every response ends with EOS and has at most ``horizon`` tokens, EOS included: at
     prefix length ``H - 1`` the only action is EOS (the node is *forced*, probability 1,
     no gradient). With ``{a, b, EOS}`` and ``H = 4`` the responses are ``{a,b}^k EOS`` for
