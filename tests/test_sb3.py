@@ -562,3 +562,38 @@ def test_ppo_lm_policy_learns_reverse_which_needs_the_prompt() -> None:
     after = _stochastic_return(model, env, 400)
     assert before < 0.2
     assert after > 0.6
+
+
+def test_lm_policy_masks_the_tokens_that_are_not_actions() -> None:
+    """With a pretrained-style tokenizer (a ``<pad>`` and an ``<unk>`` besides EOS), SB3's
+    PPO runs unmodified: the policy gives the env's illegal tokens probability 0."""
+    from llm_mdp.tasks import illegal_action_ids
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, "a": 3, "b": 4}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(" ", behavior="removed")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    task = Task.from_text_fn(
+        "ab", ["a", "b"], lambda p, r: [float(x == "ab") for x in r], tok, max_response_tokens=3
+    )
+    env = LLMVecEnv(task, 8)
+    illegal = illegal_action_ids(tok)
+    assert illegal == [0, 2]
+    model = PPO(
+        LMActorCriticPolicy,
+        env,
+        n_steps=16,
+        batch_size=32,
+        n_epochs=1,
+        seed=0,
+        device="cpu",
+        policy_kwargs={"model": tiny_gpt2(len(tok), seed=0), "illegal_actions": illegal},
+    )
+    model.learn(64)  # the env would raise on an illegal action
+    obs_t, _ = model.policy.obs_to_tensor(env.reset())
+    probs = model.policy.get_distribution(obs_t).distribution.probs.detach()
+    assert float(probs[:, illegal].max()) == 0.0
+    with pytest.raises(ValueError, match="illegal_actions"):
+        _policy(env, tiny_gpt2(len(tok)), illegal_actions=[0, 1, 2, 3, 4])

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -152,6 +152,10 @@ class LMActorCriticPolicy(ActorCriticPolicy):
             is small (the weights are saved separately either way). A model instance is
             used as is, not copied: two policies built from one instance share weights.
         temperature: actions follow ``softmax(logits / temperature)``.
+        illegal_actions: token ids that are not actions (``env.action_mask`` is False
+            there: special tokens other than EOS, :func:`llm_mdp.tasks.illegal_action_ids`);
+            they get probability 0. Needed with a pretrained tokenizer (the env rejects
+            such a token); the built-in character tokenizers have none.
         lm_dropout: keep the LM's dropout active in SB3's training phase. Off by default:
             the LM stays in eval mode, so the log-probs of the update are those of the
             rollout up to float round-off (PPO's first-epoch ratio is 1), as RL
@@ -175,6 +179,7 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         model: ModelSpec | None = None,
         *,
         temperature: float = 1.0,
+        illegal_actions: Sequence[int] = (),
         lm_dropout: bool = False,
         share_features_extractor: bool = True,
         use_sde: bool = False,
@@ -218,6 +223,13 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         self.temperature = float(temperature)
         self.lm_dropout = bool(lm_dropout)
         self.n_actions = n_actions
+        bad = sorted({int(i) for i in illegal_actions})
+        if any(not 0 <= i < n_actions for i in bad) or len(bad) >= n_actions:
+            raise ValueError(
+                f"illegal_actions={bad}: expected ids in [0, {n_actions}) that leave at least "
+                "one action"
+            )
+        self.illegal_actions: torch.Tensor = torch.tensor(bad, dtype=torch.long)
         self.model = lm
         self.value_model = None if share_features_extractor else copy.deepcopy(lm)
         self._keep_kw = hf.logits_to_keep_kw(lm)
@@ -308,6 +320,9 @@ class LMActorCriticPolicy(ActorCriticPolicy):
             out = lm(**kwargs, output_hidden_states=True)
             hidden = out.hidden_states[-1][:, -1]
         logits = out.logits[:, -1, : self.n_actions].float()
+        if self.illegal_actions.numel():  # not actions: probability 0
+            ids = self.illegal_actions.to(logits.device)
+            logits = logits.index_fill(-1, ids, float("-inf"))
         if self.temperature != 1.0:
             logits = logits / self.temperature
         return logits, hidden
