@@ -114,7 +114,7 @@ def test_policy_never_samples_an_illegal_token_and_log_probs_renormalise() -> No
             swapped[:, env.P + j] = torch.where(keep[:, j], t, ids[:, j])
             total[:, j] += policy.log_probs(swapped, obs["attention_mask"], env.P)[:, j].exp()
     torch.testing.assert_close(total[keep], torch.ones(int(keep.sum())), atol=1e-5, rtol=0)
-    _, ent = policy.log_probs(obs["input_ids"], obs["attention_mask"], env.P, with_entropy=True)
+    _, ent = policy.log_probs_and_entropy(obs["input_ids"], obs["attention_mask"], env.P)
     assert bool(torch.isfinite(ent).all()) and bool((ent[keep] <= math.log(3) + 1e-5).all())
     assert bool(torch.isfinite(lp).all())
 

@@ -68,7 +68,7 @@ def test_chunked_head_equals_dense(arch, temperature, monkeypatch):
     out = {}
     for name, pol in (("dense", dense), ("chunked", chunked)):
         pol.zero_grad()
-        logp, ent = pol.log_probs(ids, mask, P, with_entropy=True)
+        logp, ent = pol.log_probs_and_entropy(ids, mask, P)
         ((logp * weights).sum() + 0.3 * (ent * weights.flip(1)).sum()).backward()
         out[name] = (logp.detach(), ent.detach(), _grads(pol))
     (lp_d, ent_d, g_d), (lp_c, ent_c, g_c) = out["dense"], out["chunked"]

@@ -178,7 +178,7 @@ def test_log_probs_gradients_and_entropy(policy):
     env = _layout()
     rollout(policy, env)
     policy.zero_grad()
-    logp, ent = policy.log_probs(env.ids, env.mask, env.P, with_entropy=True)
+    logp, ent = policy.log_probs_and_entropy(env.ids, env.mask, env.P)
     logp.sum().backward()
     grads = [p.grad for p in policy.parameters()]
     assert all(g is not None for g in grads)

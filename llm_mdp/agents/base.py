@@ -371,7 +371,7 @@ class Agent:
         ids, attn, P = mb.input_ids, mb.attention_mask, mb.prompt_width
         entropy: torch.Tensor | None = None
         if cfg.entropy_coef:  # the exact entropy costs a (B, L, V) pass with gradient
-            logp, entropy = self.policy.log_probs(ids, attn, P, with_entropy=True)
+            logp, entropy = self.policy.log_probs_and_entropy(ids, attn, P)
         else:
             logp = self.policy.log_probs(ids, attn, P)
 

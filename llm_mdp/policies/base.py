@@ -14,11 +14,11 @@ the response.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal, Protocol, overload, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Observation", "Policy", "left_compact", "match_action_set"]
+__all__ = ["Observation", "Policy", "TeacherForced", "left_compact", "match_action_set"]
 
 Observation = Mapping[str, torch.Tensor]
 
@@ -60,49 +60,17 @@ class Policy(Protocol):
         """
         ...
 
-    @overload
     def log_probs(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        prompt_width: int,
-        *,
-        with_entropy: Literal[False] = ...,
-    ) -> torch.Tensor: ...
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int
+    ) -> torch.Tensor:
+        """``(B, W - P)`` log-prob of each response token (0 on padding), differentiable."""
+        ...
 
-    @overload
-    def log_probs(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        prompt_width: int,
-        *,
-        with_entropy: Literal[True],
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    @overload
-    def log_probs(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        prompt_width: int,
-        *,
-        with_entropy: bool,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
-
-    def log_probs(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        prompt_width: int,
-        *,
-        with_entropy: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """``(B, W - P)`` log-prob of each response token (0 on padding), differentiable.
-
-        With ``with_entropy=True`` also the ``(B, W - P)`` entropy of the policy at each
-        response position (0 on padding).
-        """
+    def log_probs_and_entropy(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`log_probs` and the ``(B, W - P)`` entropy of the policy at each response
+        position (0 on padding), from the same forward."""
         ...
 
     def seed(self, seed: int) -> None:
@@ -148,28 +116,63 @@ def check_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_w
 
 def token_log_probs(
     logits: torch.Tensor, targets: torch.Tensor, resp_mask: torch.Tensor, with_entropy: bool
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Masked ``log_softmax(logits)`` at ``targets`` and optionally the entropy.
 
     Args:
         logits: ``(B, R, V)`` float, temperature already applied.
         targets: ``(B, R)`` token ids (any value where ``resp_mask`` is 0).
         resp_mask: ``(B, R)``, 1 on real response tokens.
-        with_entropy: also return ``-(p * log p).sum(-1)``.
+        with_entropy: also compute ``-(p * log p).sum(-1)``.
 
     Returns:
-        ``(B, R)`` log-probs, 0 on padding (and the ``(B, R)`` entropy, 0 on padding).
+        ``(B, R)`` log-probs, 0 on padding, and the ``(B, R)`` entropy (0 on padding), or
+        ``None`` without ``with_entropy``.
     """
     keep = resp_mask.bool()
     logp_all = torch.log_softmax(logits, dim=-1)
     tgt = targets.masked_fill(~keep, 0).unsqueeze(-1)
     logp = logp_all.gather(-1, tgt).squeeze(-1).masked_fill(~keep, 0.0)
     if not with_entropy:
-        return logp
+        return logp, None
     # clamp: a -inf logit (masked token) has p = 0 and must add 0, not 0 * -inf = nan.
     finite = logp_all.clamp(min=torch.finfo(logp_all.dtype).min)
     entropy = -(logp_all.exp() * finite).sum(-1).masked_fill(~keep, 0.0)
     return logp, entropy
+
+
+class TeacherForced:
+    """``log_probs`` and ``log_probs_and_entropy`` (the :class:`Policy` protocol) from one
+    method, :meth:`response_log_probs`, that a policy class implements."""
+
+    def response_log_probs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt_width: int,
+        *,
+        with_entropy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(log-probs, entropy or None)``, each ``(B, W - P)``, 0 on padding."""
+        raise NotImplementedError
+
+    def log_probs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int
+    ) -> torch.Tensor:
+        """``(B, W - P)`` log-prob of each response token (0 on padding), differentiable."""
+        return self.response_log_probs(input_ids, attention_mask, prompt_width, with_entropy=False)[
+            0
+        ]
+
+    def log_probs_and_entropy(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`log_probs` and the ``(B, W - P)`` entropy at each response position."""
+        logp, entropy = self.response_log_probs(
+            input_ids, attention_mask, prompt_width, with_entropy=True
+        )
+        assert entropy is not None
+        return logp, entropy
 
 
 def left_compact(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Literal, overload
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,7 +26,14 @@ from torch import nn
 from llm_mdp.utils import resolve_device
 
 from . import hf
-from .base import Observation, as_obs_tensors, check_layout, left_compact, token_log_probs
+from .base import (
+    Observation,
+    TeacherForced,
+    as_obs_tensors,
+    check_layout,
+    left_compact,
+    token_log_probs,
+)
 from .lm_head import chunked_token_log_probs
 from .sampling import make_generator, sample_from_logits
 
@@ -64,7 +71,7 @@ class KVState:
     spent: bool = False
 
 
-class CausalLMPolicy(nn.Module):
+class CausalLMPolicy(TeacherForced, nn.Module):
     """A token-level policy over any ``transformers`` causal LM.
 
     Args:
@@ -446,45 +453,16 @@ class CausalLMPolicy(nn.Module):
         )
 
     # ------------------------------------------------------------------ training
-    @overload
-    def log_probs(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        prompt_width: int,
-        *,
-        with_entropy: Literal[False] = ...,
-    ) -> torch.Tensor: ...
-
-    @overload
-    def log_probs(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        prompt_width: int,
-        *,
-        with_entropy: Literal[True],
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    @overload
-    def log_probs(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        prompt_width: int,
-        *,
-        with_entropy: bool,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
-
-    def log_probs(
+    def response_log_probs(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         prompt_width: int,
         *,
         with_entropy: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced log-probs of the response tokens: one batched forward.
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher-forced log-probs of the response tokens: one batched forward
+        (``log_probs`` and ``log_probs_and_entropy`` call it).
 
         Args:
             input_ids: ``(B, W)`` env layout (prompt right-aligned in ``[0, P)``, response
@@ -496,7 +474,8 @@ class CausalLMPolicy(nn.Module):
         Returns:
             ``(B, W - P)`` ``log softmax(logits / temperature)`` of each response token
             (0 where the response mask is 0), differentiable w.r.t. the model parameters;
-            with ``with_entropy`` also the ``(B, W - P)`` entropy of that distribution.
+            and, with ``with_entropy``, the ``(B, W - P)`` entropy of that distribution
+            (else ``None``).
             Logits are computed only for the ``R`` positions that predict the response
             when the model supports ``logits_to_keep``.
         """
@@ -508,7 +487,7 @@ class CausalLMPolicy(nn.Module):
         resp_mask = mask[:, prompt_width:]
         if resp_w == 0:
             empty = ids.new_zeros((ids.shape[0], 0), dtype=torch.float32)
-            return (empty, empty.clone()) if with_entropy else empty
+            return empty, (empty.clone() if with_entropy else None)
         pos = (mask.cumsum(1) - 1).clamp_(min=0)
         inputs = (ids[:, :-1].masked_fill(mask[:, :-1] == 0, 0), mask[:, :-1], pos[:, :-1])
         targets = ids[:, prompt_width:]
@@ -527,7 +506,7 @@ class CausalLMPolicy(nn.Module):
                 illegal=self._illegal_mask(dev),
                 with_entropy=with_entropy,
             )
-            return (logp, ent) if ent is not None else logp
+            return logp, ent
         # the last column is only a target: leave it out of the forward, and keep exactly
         # the R positions that predict the response (no (B, R+1, V) logits to slice)
         logits, _ = self._forward(*inputs, keep=resp_w, use_cache=False)

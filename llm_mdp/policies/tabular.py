@@ -15,12 +15,12 @@ horizons this is for.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal, overload
+from typing import Any
 
 import torch
 from torch import nn
 
-from .base import Observation, as_obs_tensors, check_layout, token_log_probs
+from .base import Observation, TeacherForced, as_obs_tensors, check_layout, token_log_probs
 from .sampling import make_generator, sample_from_logits
 
 __all__ = ["TabularPolicy"]
@@ -30,7 +30,7 @@ Node = tuple[tuple[int, ...], tuple[int, ...]]
 MAX_NODES = 2_000_000
 
 
-class TabularPolicy(nn.Module):
+class TabularPolicy(TeacherForced, nn.Module):
     """Tabular softmax policy over a small vocabulary and horizon.
 
     Args:
@@ -227,47 +227,18 @@ class TabularPolicy(nn.Module):
         return actions, logp, int(width)
 
     # ------------------------------------------------------------------ training
-    @overload
-    def log_probs(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        prompt_width: int,
-        *,
-        with_entropy: Literal[False] = ...,
-    ) -> torch.Tensor: ...
-
-    @overload
-    def log_probs(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        prompt_width: int,
-        *,
-        with_entropy: Literal[True],
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    @overload
-    def log_probs(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        prompt_width: int,
-        *,
-        with_entropy: bool,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
-
-    def log_probs(
+    def response_log_probs(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         prompt_width: int,
         *,
         with_entropy: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(B, W - P)`` log-probs of the response tokens (0 on padding), differentiable.
 
-        Same contract as :meth:`CausalLMPolicy.log_probs`: ``log softmax(logits / T)``.
+        Same contract as :meth:`CausalLMPolicy.response_log_probs`: ``log softmax(logits /
+        T)``; ``log_probs`` and ``log_probs_and_entropy`` call it.
         A real response token after EOS or past the horizon is an error.
         """
         check_layout(input_ids, attention_mask, prompt_width)
