@@ -102,10 +102,10 @@ def test_micro_batching_does_not_change_the_gradient(name: str, aggregation: str
     batch = agent.collect()
     if agent.ref_policy is not None:
         with torch.no_grad():
-            batch.extras["ref_logp"] = agent.ref_policy.log_probs(
+            batch.ref_logp = agent.ref_policy.log_probs(
                 batch.input_ids, batch.attention_mask, batch.prompt_width
             )
-    batch.extras["advantages"] = agent.advantages(batch).float()
+    batch.advantages = agent.advantages(batch).float()
 
     def grads(micro_batch_size: int | None) -> torch.Tensor:
         agent.config.micro_batch_size = micro_batch_size

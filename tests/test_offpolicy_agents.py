@@ -120,7 +120,7 @@ def test_rollout_records_behavior_log_probs_and_update_gets_pi_old() -> None:
     mask = batch.response_mask.bool()
     assert torch.all(batch.sample_logp[mask] == 0.0)  # top-1 sampling: mu(w) = 1
     prepare_behavior(agent, batch)
-    assert torch.all(batch.extras["behavior_logp"][mask] == 0.0)
+    assert torch.all(batch.behavior_logp[mask] == 0.0)
     with torch.no_grad():
         pi = agent.policy.log_probs(batch.input_ids, batch.attention_mask, batch.prompt_width)
     assert torch.allclose(batch.sample_logp[mask], pi[mask])
@@ -132,7 +132,7 @@ def test_rollout_records_behavior_log_probs_and_update_gets_pi_old() -> None:
 def test_grpo_sequence_level_is_gspo_and_config_errors() -> None:
     env_agent = make_agent("grpo", num_envs=4, importance_sampling_level="sequence")
     assert isinstance(env_agent, GRPO) and env_agent.policy_loss_name == "gspo"
-    with pytest.raises(ValueError, match="importance_sampling_level"):
+    with pytest.raises(TypeError, match="importance_sampling_level=.seq.: expected one of"):
         GRPOConfig(importance_sampling_level="seq")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="replaces loss='ppo_clip'"):
         GRPOConfig(importance_sampling_level="sequence", loss="cispo")
@@ -140,7 +140,7 @@ def test_grpo_sequence_level_is_gspo_and_config_errors() -> None:
         GRPOConfig(behavior_correction="tis2")
     with pytest.raises(ValueError, match="top_p"):
         GRPOConfig(top_p=0.0)
-    with pytest.raises(ValueError, match="dynamic_sampling needs group_size >= 2"):
+    with pytest.raises(ValueError, match="dynamic_sampling=True needs group_size >= 2"):
         REINFORCEPPConfig(dynamic_sampling=True)
     with pytest.raises(ValueError, match="needs group_size >= 2"):
         REINFORCEPPConfig(baseline="group")

@@ -32,7 +32,7 @@ def z_scores(n_batches: int, **cfg: object) -> torch.Tensor:
     grads = []
     for _ in range(n_batches):
         batch = agent.collect()
-        batch.extras["advantages"] = agent.advantages(batch).float()
+        batch.advantages = agent.advantages(batch).float()
         agent.optimizer.zero_grad(set_to_none=True)
         agent.accumulate_gradients(
             batch

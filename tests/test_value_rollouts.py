@@ -114,6 +114,6 @@ def test_trepo_values_do_not_depend_on_value_batching():
         cfg = TRePOConfig(seed=4, value_batch_size=value_batch_size, num_anchors=2)
         agent = TRePO(env, policy, cfg)
         batch = agent.collect()
-        assert batch.extras["value_rollouts"] > 6  # several batches at value_batch_size=6
-        values.append(batch.extras["prefix_values"])
+        assert batch.value_rollouts > 6  # several batches at value_batch_size=6
+        values.append(batch.prefix_values)
     torch.testing.assert_close(values[0], values[1], atol=1e-5, rtol=0)

@@ -233,24 +233,24 @@ class Agent:
             if cfg.dynamic_sampling:
                 batch, ds_stats = dynamic_sampling(self, batch)
                 metrics |= ds_stats
-        if cfg.samples_off_policy or "behavior_logp" in batch.extras:
+        if cfg.samples_off_policy or batch.behavior_logp is not None:
             prepare_behavior(self, batch)
         t1 = time.perf_counter()
         mask = batch.response_mask
         if self.ref_policy is not None:
             with torch.no_grad():
-                batch.extras["ref_logp"] = self.ref_policy.log_probs(
+                batch.ref_logp = self.ref_policy.log_probs(
                     batch.input_ids, batch.attention_mask, batch.prompt_width
                 )
         adv = self.advantages(batch).to(torch.float32)
         if self.ref_policy is not None:
             kl_tok = est.compute_kl(
-                cfg.kl_estimator, batch.sample_logp, batch.extras["ref_logp"], mask
+                cfg.kl_estimator, batch.sample_logp, batch.require("ref_logp"), mask
             )
             metrics["kl/ref"] = float(kl_tok.sum(-1).mean())
             if cfg.kl_placement == "reward" and self.kl_in_advantages:
                 adv = adv + est.discounted_returns(-cfg.kl_coef * kl_tok, mask).float()
-        batch.extras["advantages"] = adv
+        batch.advantages = adv
         metrics |= self.optimize(batch)
         t2 = time.perf_counter()
 
@@ -385,13 +385,15 @@ class Agent:
         if name == "ppo_clip":
             opts["dual_clip"] = cfg.dual_clip
         opts |= cfg.loss_options
-        out = est.get_policy_loss(name)(logp, mb.sample_logp, mb.extras["advantages"], mask, **opts)
+        out = est.get_policy_loss(name)(
+            logp, mb.sample_logp, mb.require("advantages"), mask, **opts
+        )
         out = correct_loss(cfg, out, mb)
         pg_loss = agg(out.loss)
         loss = pg_loss
         stats = {"loss/policy": float(pg_loss.detach())}
         if self.ref_policy is not None and cfg.kl_placement == "loss":
-            kl = est.compute_kl(cfg.kl_estimator, logp, mb.extras["ref_logp"], mask)
+            kl = est.compute_kl(cfg.kl_estimator, logp, mb.require("ref_logp"), mask)
             kl_loss = cfg.kl_coef * agg(kl)
             loss = loss + kl_loss
             stats["loss/kl"] = float(kl_loss.detach())

@@ -5,7 +5,7 @@ Every agent gets these settings through :class:`OffPolicyFields` (a base of
 ``mu`` that differs from the trained ``pi``: another temperature, top-k or top-p
 truncation (through the policy's sampler, :func:`~llm_mdp.policies.sampling.truncate_log_probs`).
 Then the rollout's log-probs are ``mu``'s; :func:`prepare_behavior` keeps them as
-``extras["behavior_logp"]`` and recomputes ``pi``'s (the ``old`` log-probs of the ratio,
+``behavior_logp`` and recomputes ``pi``'s (the ``old`` log-probs of the ratio,
 TRL's ``old_per_token_logps``), and the loss is multiplied by the correction chosen with
 ``behavior_correction`` (:data:`llm_mdp.estimators_offpolicy.BEHAVIOR_CORRECTIONS`). What
 each correction is unbiased for is in ``docs/estimators.md``: only ``seq_tis`` with an
@@ -119,20 +119,20 @@ def behavior_sampling(policy: Any, cfg: OffPolicyFields) -> Iterator[None]:
 @torch.no_grad()
 def prepare_behavior(agent: Agent, batch: Rollout) -> None:
     """Keep the sampler's log-probs as ``behavior_logp``; ``sample_logp`` becomes ``pi``'s."""
-    if "behavior_logp" not in batch.extras:
-        batch.extras["behavior_logp"] = batch.sample_logp
+    if batch.behavior_logp is None:
+        batch.behavior_logp = batch.sample_logp
     logp = agent.policy.log_probs(batch.input_ids, batch.attention_mask, batch.prompt_width)
     batch.sample_logp = logp.float() * batch.response_mask
 
 
 def correct_loss(cfg: OffPolicyFields, out: PolicyLossOutput, mb: Rollout) -> PolicyLossOutput:
     """Multiply the per-token loss by the behavior correction of ``pi_old`` against ``mu``."""
-    if cfg.behavior_correction == "none" or "behavior_logp" not in mb.extras:
+    if cfg.behavior_correction == "none" or mb.behavior_logp is None:
         return out
     w = offp.behavior_weights(
         cfg.behavior_correction,
         mb.sample_logp,
-        mb.extras["behavior_logp"],
+        mb.behavior_logp,
         mb.response_mask,
         cap=cfg.behavior_cap,
         cap_low=cfg.behavior_cap_low,
@@ -150,9 +150,17 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
     def pad(x: torch.Tensor, to: int) -> torch.Tensor:
         return torch.nn.functional.pad(x, (0, to - x.shape[1]))
 
-    def cat_opt(xs: list[torch.Tensor | None]) -> torch.Tensor | None:
-        return None if any(x is None for x in xs) else torch.cat([pad(x, length) for x in xs])  # type: ignore[arg-type]
+    def cat(xs: list[Any], own: list[int]) -> Any:
+        """Per-row values of the parts, stacked; response columns right-padded."""
+        if any(x is None for x in xs) or not isinstance(xs[0], torch.Tensor):
+            return None
+        if xs[0].dim() == 1:
+            return torch.cat(xs)
+        # a part's column count is its own response length (+ 1 for prefix values)
+        return torch.cat([pad(x, x.shape[1] - n + length) for x, n in zip(xs, own, strict=True)])
 
+    own = [p.input_ids.shape[1] - p.prompt_width for p in parts]
+    fields = {k: cat([getattr(p, k) for p in parts], own) for k in Rollout.ROW_FIELDS}
     extras = {}
     for k, v in parts[0].extras.items():
         if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[0] == len(parts[0]):
@@ -161,11 +169,8 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
         parts[0],
         input_ids=torch.cat([pad(p.input_ids, width) for p in parts]),
         attention_mask=torch.cat([pad(p.attention_mask, width) for p in parts]),
-        rewards=torch.cat([p.rewards for p in parts]),
-        sample_logp=torch.cat([pad(p.sample_logp, length) for p in parts]),
-        prompt_indices=torch.cat([p.prompt_indices for p in parts]),
-        token_rewards=cat_opt([p.token_rewards for p in parts]),
         extras=extras,
+        **fields,
     )
 
 

@@ -110,10 +110,12 @@ class PPO(Agent):
             values = self.critic(batch.input_ids, batch.attention_mask, batch.prompt_width)
         rewards = est.zra_token_rewards(batch.rewards, mask)
         if self.ref_policy is not None:  # KL in the reward, per token, as InstructGPT
-            kl = est.compute_kl(cfg.kl_estimator, batch.sample_logp, batch.extras["ref_logp"], mask)
+            kl = est.compute_kl(
+                cfg.kl_estimator, batch.sample_logp, batch.require("ref_logp"), mask
+            )
             rewards = est.kl_in_reward(rewards, kl, cfg.kl_coef, mask)
         adv, returns = est.compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)
-        batch.extras["values"], batch.extras["returns"] = values, returns
+        batch.values, batch.returns = values, returns
         if cfg.whiten_advantages:  # mean and std over the global batch (all ranks)
             adv = est.get_advantage_transform("whiten")(adv, mask, all_reduce=self.dist.all_reduce)
         return adv
@@ -128,7 +130,7 @@ class PPO(Agent):
         cfg = self.config
         mask = mb.response_mask
         v = self.critic(mb.input_ids, mb.attention_mask, mb.prompt_width)
-        old, target = mb.extras["values"], mb.extras["returns"]
+        old, target = mb.require("values"), mb.require("returns")
         v_clipped = old + (v - old).clamp(-cfg.value_clip, cfg.value_clip)
         loss_tok = 0.5 * torch.maximum((v - target) ** 2, (v_clipped - target) ** 2)
         v_loss = est.aggregate(loss_tok, mask, "token-mean", num_tokens=counts["num_tokens"])

@@ -60,7 +60,9 @@ class REINFORCEPP(Agent):
         mask = batch.response_mask
         token_rewards = est.zra_token_rewards(batch.rewards, mask)
         if self.ref_policy is not None and cfg.kl_placement == "reward":
-            kl = est.compute_kl(cfg.kl_estimator, batch.sample_logp, batch.extras["ref_logp"], mask)
+            kl = est.compute_kl(
+                cfg.kl_estimator, batch.sample_logp, batch.require("ref_logp"), mask
+            )
             token_rewards = est.kl_in_reward(token_rewards, kl, cfg.kl_coef, mask)
         name = "reinforce_pp" if cfg.baseline == "none" else "reinforce_pp_baseline"
         inputs = self.advantage_inputs(batch, token_rewards=token_rewards)

@@ -30,9 +30,9 @@ class ReMax(Agent):
         options = {"prompt_indices": self.sample_prompts(self.env.num_envs // G), "group_size": G}
         batch = rollout(self.env, self.policy, options, streams=self.streams(STREAM_MAIN))
         greedy = rollout(self.env, self.policy, options, greedy=True)
-        batch.extras["baseline"] = greedy.rewards
+        batch.baseline = greedy.rewards
         return batch
 
     def advantages(self, batch: Rollout) -> torch.Tensor:
-        inputs = self.advantage_inputs(batch, baseline=batch.extras["baseline"])
+        inputs = self.advantage_inputs(batch, baseline=batch.baseline)
         return est.compute_advantages("remax", inputs)

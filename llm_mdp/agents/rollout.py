@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -46,7 +46,21 @@ class Rollout:
         prompt_indices: ``(B,)`` index of each row's prompt in the task's pool.
         group_size: rows per prompt (contiguous).
         token_rewards: ``(B, L)`` true token rewards when the task reports them.
-        extras: per-agent tensors (values, baselines, advantages ...).
+        advantages: ``(B, L)`` the per-token weights of the update (set by the loop).
+        ref_logp: ``(B, L)`` log-probs of the frozen reference policy (KL).
+        behavior_logp: ``(B, L)`` log-probs of the sampler when it is not ``pi``
+            (temperature, top-k, top-p); ``sample_logp`` is then ``pi``'s own.
+        baseline: ``(B,)`` a per-response baseline (ReMax: the greedy response's reward).
+        values: ``(B, L)`` critic values ``V(s_t)`` (PPO).
+        returns: ``(B, L)`` the critic's regression targets (PPO).
+        prefix_values: ``(B, L + 1)`` Monte Carlo values, column ``c`` = ``V_hat`` after
+            ``c`` response tokens (TRePO).
+        prefix_known: ``(B, L + 1)`` bool, where ``prefix_values`` holds an estimate.
+        next_values: ``(B, L)`` independent estimates of ``V(s_{t+1})`` (TRePO with
+            ``value_estimates="fresh"``), NaN where there is none.
+        value_rollouts: episodes run for value estimates in this batch (TRePO).
+        extras: free-form per-agent data for users' own agents (per-row tensors are
+            kept by :meth:`select`); the built-in agents use the typed fields above.
     """
 
     input_ids: torch.Tensor
@@ -57,7 +71,34 @@ class Rollout:
     prompt_indices: torch.Tensor
     group_size: int = 1
     token_rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    behavior_logp: torch.Tensor | None = None
+    baseline: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    prefix_values: torch.Tensor | None = None
+    prefix_known: torch.Tensor | None = None
+    next_values: torch.Tensor | None = None
+    value_rollouts: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+
+    ROW_FIELDS: ClassVar[tuple[str, ...]] = (
+        "rewards",
+        "sample_logp",
+        "prompt_indices",
+        "token_rewards",
+        "advantages",
+        "ref_logp",
+        "behavior_logp",
+        "baseline",
+        "values",
+        "returns",
+        "prefix_values",
+        "prefix_known",
+        "next_values",
+    )
+    """The fields that hold one row per response (besides the observation)."""
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -81,6 +122,13 @@ class Rollout:
         ended = self.response_ids.gather(1, last).squeeze(1) == eos_token_id
         return ended & (self.response_lengths > 0)
 
+    def require(self, name: str) -> torch.Tensor:
+        """The typed field ``name``, which an earlier stage must have set."""
+        value = getattr(self, name)
+        if not isinstance(value, torch.Tensor):
+            raise RuntimeError(f"Rollout.{name} is not set: the stage that computes it has not run")
+        return value
+
     def select(self, rows: torch.Tensor) -> Rollout:
         """The sub-batch ``rows`` (index tensor), extras included where they are per-row."""
         n = len(self)
@@ -92,11 +140,8 @@ class Rollout:
             self,
             input_ids=self.input_ids[rows],
             attention_mask=self.attention_mask[rows],
-            rewards=self.rewards[rows],
-            sample_logp=self.sample_logp[rows],
-            prompt_indices=self.prompt_indices[rows],
-            token_rewards=None if self.token_rewards is None else self.token_rewards[rows],
             extras={k: pick(v) for k, v in self.extras.items()},
+            **{k: pick(getattr(self, k)) for k in self.ROW_FIELDS},
         )
 
 

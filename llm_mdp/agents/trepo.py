@@ -149,15 +149,15 @@ class TRePO(Agent):
         values, next_values = place_estimates(plan, slots[0], slots[1])
         values, known = values.to(dev), plan.known.to(dev)
         next_values = next_values.to(dev) if next_values is not None else None
-        batch.extras.update(prefix_values=values, prefix_known=known, next_values=next_values)
-        batch.extras["value_rollouts"] = len(jobs) * K
+        batch.prefix_values, batch.prefix_known, batch.next_values = values, known, next_values
+        batch.value_rollouts = len(jobs) * K
         return batch
 
     def advantages(self, batch: Rollout) -> torch.Tensor:
         inputs = self.advantage_inputs(
             batch,
-            prefix_values=batch.extras["prefix_values"],
-            prefix_known=batch.extras["prefix_known"],
-            next_values=batch.extras["next_values"],
+            prefix_values=batch.prefix_values,
+            prefix_known=batch.prefix_known,
+            next_values=batch.next_values,
         )
         return est.compute_advantages("trepo", inputs, interpolation=self.config.interpolation)

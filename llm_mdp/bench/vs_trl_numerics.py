@@ -98,7 +98,7 @@ def compare_loss_type(
     ``loss_type``, ``importance_sampling_level``, vLLM importance-sampling settings ...).
     ``behavior_noise``: the completions were sampled by a behavior policy whose
     log-probs are ``pi``'s plus this much Gaussian noise; TRL gets them as the sampler's
-    log-probs (``sampling_per_token_logps``), we as ``extras["behavior_logp"]``.
+    log-probs (``sampling_per_token_logps``), we as ``Rollout.behavior_logp``.
     """
     cfg = Matched(
         batch=len(tt.prompts) * group,
@@ -151,10 +151,11 @@ def compare_loss_type(
         sample_logp=old,
         prompt_indices=torch.arange(B) // group,
         group_size=group,
-        extras={"ref_logp": ref} | ({} if behavior is None else {"behavior_logp": behavior}),
+        ref_logp=ref,
+        behavior_logp=behavior,
     )
     adv_o = agent.advantages(batch).float()
-    batch.extras["advantages"] = adv_o
+    batch.advantages = adv_o
     agent.optimizer.zero_grad(set_to_none=True)
     stats = agent.accumulate_gradients(batch)
     loss_o = float(stats["loss/total"])
