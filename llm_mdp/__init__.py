@@ -8,10 +8,10 @@ used (``llm_mdp.LLMTokenEnv``, ``from llm_mdp.agents import GRPO``, ...).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from llm_mdp import envs  # noqa: F401  (registers the Gymnasium ids; light: no torch)
+from llm_mdp._lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from llm_mdp.envs import LLMTokenEnv, LLMTokenVectorEnv
@@ -28,14 +28,4 @@ _LAZY = {
 
 __all__ = ["LLMTokenEnv", "LLMTokenVectorEnv", "Task", "__version__", "make_task"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(globals(), _LAZY)

@@ -132,7 +132,7 @@ def test_rollout_records_behavior_log_probs_and_update_gets_pi_old() -> None:
 def test_grpo_sequence_level_is_gspo_and_config_errors() -> None:
     env_agent = make_agent("grpo", num_envs=4, importance_sampling_level="sequence")
     assert isinstance(env_agent, GRPO) and env_agent.policy_loss_name == "gspo"
-    with pytest.raises(TypeError, match="importance_sampling_level=.seq.: expected one of"):
+    with pytest.raises(TypeError, match=r"importance_sampling_level='seq': expected one of"):
         GRPOConfig(importance_sampling_level="seq")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="replaces loss='ppo_clip'"):
         GRPOConfig(importance_sampling_level="sequence", loss="cispo")
