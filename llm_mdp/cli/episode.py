@@ -78,7 +78,7 @@ def cmd_episode(args: argparse.Namespace) -> int:
     )
     if "token_rewards" in info:
         g = env.task.gamma
-        tr = info["token_rewards"]
+        tr = info["token_rewards"][:t]  # fixed length R in info: the episode's T = t steps
         s = sum(g**i * x for i, x in enumerate(tr))
         print(
             f"hidden token rewards r_t = {[round(float(x), 4) for x in tr]}; "
