@@ -132,6 +132,9 @@ def test_episode_shows_zero_rewards_then_rm(capsys: pytest.CaptureFixture[str]) 
     assert "sum_t gamma^(t-1) r_t" in out
     total = float(out.split("RM(W) = ")[1].split()[0])
     assert total == pytest.approx(rewards[-1], abs=1e-4)
+    hidden = out.split("hidden token rewards r_t = [")[1].split("]")[0].split(", ")
+    assert len(hidden) == len(rows)  # one r_t per step, no padding
+    assert sum(float(x) for x in hidden) == pytest.approx(total, abs=1e-3)  # gamma = 1
 
 
 def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
