@@ -10,7 +10,7 @@ to float precision, not "within noise".
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +76,39 @@ class GradientReport:
     hints: tuple[str, ...]
     mdp: str
     _namer: Callable[[int], str] = field(repr=False)
+
+    @classmethod
+    def from_moments(
+        cls,
+        model: Any,
+        mom: Any,
+        cmp: Any,
+        *,
+        estimator: str,
+        group_size: int,
+        aggregation: str,
+        hints: Sequence[str],
+    ) -> GradientReport:
+        """The report of moments ``mom`` of ``model`` compared (``cmp``) with ``grad J``."""
+        return cls(
+            estimator=estimator,
+            group_size=group_size,
+            aggregation=aggregation,
+            method=mom.method,
+            num_draws=mom.num_draws,
+            mean=mom.mean,
+            grad_J=model.grad_J,
+            stderr=mom.stderr,
+            max_abs_error=cmp.max_abs_error,
+            relative_error=cmp.relative_error,
+            cosine=cmp.cosine,
+            projection=cmp.projection,
+            trace_cov=mom.trace_cov,
+            z_max=cmp.z_max,
+            hints=tuple(hints),
+            mdp=describe_mdp(model),
+            _namer=coordinate_namer(model),
+        )
 
     @property
     def bias(self) -> Tensor:
@@ -193,24 +226,14 @@ def gradient_report(
     hints = shape_hints(
         cmp.cosine, cmp.projection, ratio, group_size, model.tree.horizon, exact=exact
     )
-    return GradientReport(
+    return GradientReport.from_moments(
+        model,
+        mom,
+        cmp,
         estimator=label,
         group_size=group_size,
         aggregation=aggregation,
-        method=mom.method,
-        num_draws=mom.num_draws,
-        mean=mom.mean,
-        grad_J=model.grad_J,
-        stderr=mom.stderr,
-        max_abs_error=cmp.max_abs_error,
-        relative_error=cmp.relative_error,
-        cosine=cmp.cosine,
-        projection=cmp.projection,
-        trace_cov=mom.trace_cov,
-        z_max=cmp.z_max,
-        hints=tuple(hints),
-        mdp=describe_mdp(model),
-        _namer=coordinate_namer(model),
+        hints=hints,
     )
 
 

@@ -30,7 +30,7 @@ from llm_mdp import estimators_offpolicy as offp
 from llm_mdp.theory import ExactModel, InputSpec
 from llm_mdp.theory.offpolicy import Behavior, OffPolicyModel, OffPolicySpec, make_behavior
 
-from ._format import coordinate_namer, describe_mdp, fmt, worst_coordinates
+from ._format import fmt, worst_coordinates
 from ._registry import display_name, registered_advantage
 from .gradients import GradientReport
 from .mdps import small_mdp
@@ -131,24 +131,14 @@ def offpolicy_report(
         mom = om.moments(spec)
     cmp = om.compare(mom)
     hints = _offpolicy_hints(om, correction, cap, cmp.relative_error)
-    return GradientReport(
+    return GradientReport.from_moments(
+        model,
+        mom,
+        cmp,
         estimator=f"{label} under {beh.name}",
         group_size=group_size,
         aggregation=aggregation,
-        method=mom.method,
-        num_draws=mom.num_draws,
-        mean=mom.mean,
-        grad_J=model.grad_J,
-        stderr=None,
-        max_abs_error=cmp.max_abs_error,
-        relative_error=cmp.relative_error,
-        cosine=cmp.cosine,
-        projection=cmp.projection,
-        trace_cov=mom.trace_cov,
-        z_max=None,
-        hints=tuple(hints),
-        mdp=describe_mdp(model),
-        _namer=coordinate_namer(model),
+        hints=hints,
     )
 
 
