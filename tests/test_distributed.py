@@ -4,7 +4,6 @@ world size, and a checkpoint written at world size 2 resumes at world size 1."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo import free_port, init_gloo
 
 from llm_mdp.agents import Agent, get_agent
 from llm_mdp.envs import LLMTokenVectorEnv
@@ -36,16 +36,8 @@ def flat(agent: Agent) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for m in agent.modules.values() for p in m.parameters()])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     try:
         results = {}
         for name in AGENTS:
@@ -64,7 +56,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_world_size_two_equals_one_and_resumes_at_one(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     results = torch.load(tmp_path / "results.pt")
     for name in AGENTS:
         single = make(name, GLOBAL_BATCH)
@@ -85,7 +77,7 @@ def test_torchrun_cli(tmp_path: Path) -> None:
     """``torchrun --nproc-per-node 2 -m llm_mdp.cli train`` writes one run folder."""
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [
-        str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()),
+        str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()),
         "-m", "llm_mdp.cli", "train", "--agent", "grpo", "--task", "target_token",
         "--updates", "2", "--num-envs", "8", "--set", "group_size=4",
         "--run-dir", str(tmp_path / "run"), "--no-progress",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo import free_port, init_gloo
 
 from llm_mdp import fsdp
 from llm_mdp.agents import Agent, get_agent
@@ -55,16 +55,8 @@ def flat_grad(agent: Agent) -> torch.Tensor:
     return torch.cat([_full(p.grad).flatten() for p in params if p.grad is not None])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     try:
         results: dict[str, Any] = {}
         for name in AGENTS:
@@ -95,7 +87,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_fsdp_update_memory_and_sharded_checkpoint(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     grpo_grad = None
     singles = {}
@@ -159,7 +151,7 @@ def test_fsdp_configuration_errors(tmp_path: Path) -> None:
 def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess[str]:
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [
-        str(torchrun), "--nproc-per-node", str(nproc), "--master-port", str(_free_port()),
+        str(torchrun), "--nproc-per-node", str(nproc), "--master-port", str(free_port()),
         "-m", "llm_mdp.cli", "train", *args, "--no-progress",
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
