@@ -280,7 +280,6 @@ class LLMTokenVectorEnv(VectorEnv):
                 f"response_prefix must hold one list of token ids per reset row "
                 f"({rows.numel()}), got {prefix!r:.80}"
             )
-        legal = self.action_mask.tolist()
         lists = []
         for i, raw in zip(rows.tolist(), prefix, strict=True):
             arr = np.asarray(raw.cpu() if isinstance(raw, torch.Tensor) else raw)
@@ -295,20 +294,25 @@ class LLMTokenVectorEnv(VectorEnv):
                     f"response_prefix of row {i} has {len(p)} tokens; a non-terminal state "
                     f"has fewer than max_response_tokens={self.R}"
                 )
-            for t in p:
-                if not 0 <= t < self.vocab_size or t == self.eos_token_id or not legal[t]:
-                    raise ValueError(
-                        f"response_prefix of row {i} contains token {t} "
-                        f"({self._token_name(t)}); expected legal non-EOS actions in "
-                        f"[0, {self.vocab_size})"
-                    )
             lists.append(p)
-        # one batched write (a per-row copy costs more than the rollout on small models)
+        # one batched check and write (per-token Python work here would cost more than
+        # the rollout on small models: TRePO resets hundreds of prefixes per update)
         lengths = [len(p) for p in lists]
         width = max(lengths, default=0)
         if width:
             block = torch.tensor([p + [self.pad_token_id] * (width - len(p)) for p in lists])
             filled = torch.arange(width) < torch.tensor(lengths).unsqueeze(1)
+            inside = (block >= 0) & (block < self.vocab_size)
+            legal = self.action_mask.cpu()[block.clamp(0, self.vocab_size - 1)] & inside
+            bad = filled & (~legal | (block == self.eos_token_id))
+            if bool(bad.any()):
+                r, c = (int(x) for x in bad.nonzero()[0])
+                t = int(block[r, c])
+                name = self._token_name(t) if 0 <= t < self.vocab_size else "not a token"
+                raise ValueError(
+                    f"response_prefix of row {rows.tolist()[r]} contains token {t} ({name}); "
+                    f"expected legal non-EOS actions in [0, {self.vocab_size})"
+                )
             cols = slice(self.P, self.P + width)
             self.ids[rows, cols] = torch.where(filled, block, self.pad_token_id).to(self.device)
             self.mask[rows, cols] = filled.long().to(self.device)
