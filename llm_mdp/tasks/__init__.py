@@ -23,6 +23,7 @@ from llm_mdp.tasks.builtin import (
 from llm_mdp.tasks.chat import chat_keyword_task
 from llm_mdp.tasks.reward_model import HFRewardModel
 from llm_mdp.tasks.tokenizers import char_tokenizer
+from llm_mdp.tasks.turns import ReplyFn, Turn, TurnError, TurnState, normalize_reply, replay_turns
 
 if "chat_keyword" not in TASKS:
     register_task("chat_keyword", chat_keyword_task)
@@ -30,11 +31,15 @@ if "chat_keyword" not in TASKS:
 __all__ = [
     "TASKS",
     "HFRewardModel",
+    "ReplyFn",
     "ResponseBatch",
     "RewardError",
     "RewardFn",
     "Task",
     "TokenRewardFn",
+    "Turn",
+    "TurnError",
+    "TurnState",
     "arithmetic_task",
     "char_tokenizer",
     "chat_keyword_task",
@@ -44,7 +49,9 @@ __all__ = [
     "keyword_task",
     "legal_action_mask",
     "make_task",
+    "normalize_reply",
     "register_task",
+    "replay_turns",
     "reverse_task",
     "target_token_task",
 ]

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from llm_mdp.tasks.turns import ReplyFn, TurnState, replay_turns
+
 RewardOutput = torch.Tensor | Sequence[float]
 
 
@@ -38,6 +40,9 @@ class ResponseBatch:
         prompt_indices: ``(n,)`` int64 index into ``Task.prompts``; -1 for a prompt
             given as free text at reset.
         tokenizer: decodes ids to text.
+        policy_mask: ``(n, R)`` int64, 1 on the tokens the policy chose, 0 on tokens the
+            environment injected (multi-turn tasks, :mod:`llm_mdp.tasks.turns`) and on
+            padding; ``None`` means every real response token is the policy's.
     """
 
     prompt_ids: torch.Tensor
@@ -46,6 +51,7 @@ class ResponseBatch:
     response_mask: torch.Tensor
     prompt_indices: torch.Tensor
     tokenizer: PreTrainedTokenizerBase
+    policy_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.response_ids.shape[0])
@@ -107,6 +113,13 @@ class Task:
         optimal_reward: the best achievable expected reward, when known.
         random_reward: the expected reward of a uniformly random policy, when known.
         description: one line for ``--help`` and docs.
+        reply_fn: makes the task multi-turn: called when the policy ends a turn (EOS)
+            with the conversation so far, returns the environment's reply tokens (not
+            actions), a random reply as ``(probability, ids)`` outcomes, or ``None`` to
+            end the episode (:mod:`llm_mdp.tasks.turns`). ``max_response_tokens`` then
+            caps the whole conversation after the prompt, replies included.
+        max_turns: the most turns the policy may take (the episode ends at the
+            ``max_turns``-th EOS); ``None``: only ``reply_fn`` and the length cap end it.
     """
 
     name: str
@@ -120,8 +133,12 @@ class Task:
     random_reward: float | None = None
     description: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    reply_fn: ReplyFn | None = None
+    max_turns: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_turns is not None and self.max_turns < 1:
+            raise ValueError(f"task {self.name!r}: max_turns={self.max_turns}, expected >= 1")
         if len(self.prompts) == 0:
             raise ValueError(f"task {self.name!r}: the prompt pool is empty")
         if self.max_response_tokens < 1:
@@ -131,6 +148,31 @@ class Task:
         if not 0.0 < self.gamma <= 1.0:
             raise ValueError(f"task {self.name!r}: gamma={self.gamma}, expected 0 < gamma <= 1")
         check_tokenizer(self.tokenizer)
+
+    @property
+    def multi_turn(self) -> bool:
+        """True when the environment answers finished turns (``reply_fn`` is set)."""
+        return self.reply_fn is not None
+
+    def replay(
+        self, prompt_index: int, prompt_ids: Sequence[int], response_ids: Sequence[int]
+    ) -> TurnState:
+        """Which tokens of ``response_ids`` the environment injected, and where the
+        response stands in its turns (:func:`~llm_mdp.tasks.turns.replay_turns`). For a
+        single-turn task every token is the policy's."""
+        if self.reply_fn is None:
+            n = len(response_ids)
+            ended = n > 0 and int(response_ids[-1]) == self.tokenizer.eos_token_id
+            return TurnState((True,) * n, int(ended), 1.0, (), ended)
+        return replay_turns(
+            self.reply_fn,
+            prompt_index=prompt_index,
+            prompt_ids=prompt_ids,
+            response_ids=response_ids,
+            eos_token_id=int(self.tokenizer.eos_token_id),
+            tokenizer=self.tokenizer,
+            max_turns=self.max_turns,
+        )
 
     @property
     def vocab_size(self) -> int:
