@@ -17,6 +17,7 @@ from llm_mdp.validation import Range
 
 LENGTH_CAPS = ("force-eos", "env")  # llm_mdp.theory.tree.LENGTH_CAPS (a test keeps them equal)
 POLICY_KINDS = ("tabular", "gpt2", "llama")  # llm_mdp.theory.setups.POLICY_KINDS
+SETUPS = ("paper", "echo")  # llm_mdp.theory.setups.SETUPS
 MAX_HORIZON = 8
 """The largest ``--horizon``: 2^8 - 1 = 255 responses under force-eos (511 under env) and
 covariances of a few thousand parameters; each step up doubles the responses and
@@ -25,6 +26,14 @@ quadruples the covariances (horizon 12 would need about 100 GB)."""
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``llm-mdp verify``."""
+    p.add_argument(
+        "--setup",
+        choices=SETUPS,
+        default="paper",
+        help="paper: one turn, random token rewards (docs/theory.md#the-token-mdp); echo: two "
+        "turns, the environment replies a or b at random and the policy must echo it "
+        "(docs/theory.md#multi-turn; needs --horizon >= 4 and gamma 1) (default paper)",
+    )
     p.add_argument(
         "--gamma",
         type=number_type(float, Range(0, 1, low_open=True)),
@@ -95,6 +104,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.json is not None:
         check_writable_file(args.json, "--json")
     if args.off_policy:
+        if args.setup != "paper":
+            raise CLIError(f"--off-policy runs on the paper set-up, not --setup {args.setup}")
         from llm_mdp.theory.offpolicy_report import run_offpolicy
 
         try:
@@ -120,6 +131,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             mc_samples=args.mc_samples,
             max_groups=args.max_groups,
             kl=not args.no_kl,
+            setup=args.setup,
         )
     except ValueError as err:
         raise CLIError(str(err)) from None

@@ -45,6 +45,10 @@ class TabularPolicy(TeacherForced, nn.Module):
         prompt_width: the env's ``P``. When None, ``act`` infers it from the observation
             (the one split of the rows into known prompt + response that all rows agree
             on) and keeps it in the returned state. ``log_probs`` always takes it.
+        multi_turn: a row for every prefix shorter than ``horizon``, EOS and the
+            environment's replies included (a multi-turn task goes on after a turn's EOS,
+            ``llm_mdp.tasks.turns``); only the horizon ends a prefix. ``V^k`` rows per
+            length ``k`` instead of ``(V-1)^k``.
 
     Attributes:
         logits: ``(num_nodes, V)`` parameter, row ``node_index(prompt, prefix)``.
@@ -61,6 +65,7 @@ class TabularPolicy(TeacherForced, nn.Module):
         init_scale: float = 1.0,
         temperature: float = 1.0,
         prompt_width: int | None = None,
+        multi_turn: bool = False,
     ) -> None:
         super().__init__()
         if vocab_size < 2:
@@ -80,7 +85,8 @@ class TabularPolicy(TeacherForced, nn.Module):
             raise ValueError("prompts contains duplicates; give each prompt once")
         if any(len(p) == 0 for p in keys):
             raise ValueError("every prompt needs at least one token")
-        per_prompt = sum((vocab_size - 1) ** k for k in range(horizon))
+        self.multi_turn = bool(multi_turn)
+        per_prompt = sum((vocab_size - (not multi_turn)) ** k for k in range(horizon))
         if per_prompt * len(keys) > MAX_NODES:
             raise ValueError(
                 f"{per_prompt * len(keys)} nodes (vocab_size={vocab_size}, horizon={horizon}, "
@@ -105,7 +111,7 @@ class TabularPolicy(TeacherForced, nn.Module):
 
     def _prefixes(self) -> Iterable[tuple[int, ...]]:
         """Non-terminal response prefixes, by length then lexicographically."""
-        tokens = [t for t in range(self._vocab_size) if t != self.eos_token_id]
+        tokens = [t for t in range(self._vocab_size) if self.multi_turn or t != self.eos_token_id]
         level: list[tuple[int, ...]] = [()]
         for _ in range(self.horizon):
             yield from level
@@ -143,12 +149,16 @@ class TabularPolicy(TeacherForced, nn.Module):
             raise KeyError(
                 f"no node for prompt={node[0]} prefix={node[1]}: the prompt must be one of "
                 f"the policy's prompts and the prefix must be shorter than horizon="
-                f"{self.horizon} and contain no EOS ({self.eos_token_id})"
+                f"{self.horizon}"
+                + ("" if self.multi_turn else f" and contain no EOS ({self.eos_token_id})")
             ) from None
 
     def is_terminal(self, response_prefix: Sequence[int]) -> bool:
-        """True when a response prefix has ended (contains EOS or reached the horizon)."""
-        return self.eos_token_id in response_prefix or len(response_prefix) >= self.horizon
+        """True when a response prefix has ended (contains EOS or reached the horizon; only
+        the horizon for a ``multi_turn`` table)."""
+        if len(response_prefix) >= self.horizon:
+            return True
+        return not self.multi_turn and self.eos_token_id in response_prefix
 
     def node_log_probs(self) -> torch.Tensor:
         """``(num_nodes, V)`` ``log_softmax(logits / temperature)``, differentiable."""

@@ -24,7 +24,8 @@ of a response the environment injected by replaying ``reply_fn`` along it; the e
 agents and the exact toolkit all use it.
 
 This module is the one source for the reply protocol: :func:`normalize_reply` checks
-what a ``reply_fn`` returned, :func:`replay_turns` walks a response.
+what a ``reply_fn`` returned, :func:`reply_after` asks for the reply to a finished turn
+(the turn cap included), :func:`replay_turns` walks a response.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = [
     "TurnState",
     "normalize_reply",
     "replay_turns",
+    "reply_after",
 ]
 
 ReplyOutcomes = tuple[tuple[float, tuple[int, ...]], ...]
@@ -183,6 +185,37 @@ def _is_int(x: Any) -> bool:
     return not isinstance(x, bool) and (isinstance(x, int) or hasattr(x, "__index__"))
 
 
+def reply_after(
+    reply_fn: ReplyFn,
+    *,
+    prompt_index: int,
+    prompt_ids: Sequence[int],
+    response_ids: Sequence[int],
+    policy_mask: Sequence[bool],
+    turns: int,
+    tokenizer: PreTrainedTokenizerBase,
+    max_turns: int | None = None,
+) -> ReplyOutcomes | None:
+    """The environment's reply to the turn that ``response_ids`` ends (with the policy's EOS).
+
+    ``turns`` counts the turns finished, this one included. Returns ``None`` when the
+    episode ends (the turn cap ``max_turns`` is reached or ``reply_fn`` says so), else
+    the checked outcomes (:func:`normalize_reply`): what :func:`replay_turns` follows
+    along a response, and what the exact toolkit branches on at a chance node.
+    """
+    if max_turns is not None and turns >= max_turns:
+        return None
+    turn = Turn(
+        prompt_index=prompt_index,
+        prompt_ids=tuple(int(x) for x in prompt_ids),
+        response_ids=tuple(int(x) for x in response_ids),
+        policy_mask=tuple(bool(x) for x in policy_mask),
+        turn=turns,
+        tokenizer=tokenizer,
+    )
+    return normalize_reply(reply_fn(turn))
+
+
 @dataclass(frozen=True)
 class TurnState:
     """Where a response stands in the turn structure (the result of :func:`replay_turns`).
@@ -237,18 +270,16 @@ def replay_turns(
         if tok != eos_token_id:
             continue
         turns += 1
-        ended = max_turns is not None and turns >= max_turns
-        outcomes = None
-        if not ended:
-            turn = Turn(
-                prompt_index=prompt_index,
-                prompt_ids=tuple(int(x) for x in prompt_ids),
-                response_ids=tuple(ids[:i]),
-                policy_mask=tuple(mask),
-                turn=turns,
-                tokenizer=tokenizer,
-            )
-            outcomes = normalize_reply(reply_fn(turn))
+        outcomes = reply_after(
+            reply_fn,
+            prompt_index=prompt_index,
+            prompt_ids=prompt_ids,
+            response_ids=ids[:i],
+            policy_mask=mask,
+            turns=turns,
+            tokenizer=tokenizer,
+            max_turns=max_turns,
+        )
         if outcomes is None:
             if i < len(ids):
                 raise TurnError(

@@ -1,14 +1,16 @@
 """Exact theory toolkit: enumerate a small policy's responses and check estimators exactly.
 
 * :func:`enumerate_tree` / :class:`ResponseTree`: every node and response (length-cap
-  conventions ``"env"`` and ``"force-eos"``).
+  conventions ``"env"`` and ``"force-eos"``; multi-turn trees with chance nodes where the
+  environment replies).
 * :class:`ExactModel`: exact ``J``, ``grad J`` (autograd over the enumeration), ``V``,
   ``Q``, and the exact mean and covariance of any estimator's gradient; registry
   estimators by name (:class:`EstimatorSpec`), theory weightings by name
   (:data:`THEORY_WEIGHTINGS`).
 * :class:`KLModel`, :func:`kl_rows`: exact KL to a reference and each KL estimator.
 * :func:`paper_setup`: the small set-up of ``docs/theory.md#eq-26`` (tabular, tiny GPT-2 or
-  tiny Llama policy).
+  tiny Llama policy); :func:`echo_setup`: a two-turn tree with a random environment reply
+  (``docs/theory.md#multi-turn``).
 * :func:`verify`, :func:`print_report`, :func:`plot_bias_variance`, :func:`verify_cli`.
 """
 
@@ -25,7 +27,7 @@ from .report import (
     standard_specs,
     verify,
 )
-from .setups import POLICY_KINDS, make_policy, paper_setup
+from .setups import POLICY_KINDS, SETUPS, echo_setup, echo_task, make_policy, paper_setup
 from .specs import ALL_EXACT, Comparison, EstimatorSpec, GradientMoments, InputSpec, compare
 from .tree import LENGTH_CAPS, ResponseTree, enumerate_tree
 from .weightings import THEORY_WEIGHTINGS
@@ -35,6 +37,7 @@ __all__ = [
     "KL_PLACEMENTS",
     "LENGTH_CAPS",
     "POLICY_KINDS",
+    "SETUPS",
     "THEORY_WEIGHTINGS",
     "Comparison",
     "EstimatorRow",
@@ -49,6 +52,8 @@ __all__ = [
     "SetupInfo",
     "VerifyReport",
     "compare",
+    "echo_setup",
+    "echo_task",
     "enumerate_tree",
     "estimator_row",
     "format_report",

@@ -33,7 +33,7 @@ def _mark(passed: bool | None) -> str:
 def _tables(report: VerifyReport) -> tuple[str, list[tuple[str, list[str], list[list[str]]]]]:
     s = report.setup
     title = (
-        f"llm-mdp verify: {s.policy} policy ({s.num_params} parameters), {s.num_responses} "
+        f"llm-mdp verify{'' if s.setup == 'paper' else ' (' + s.setup + ')'}: {s.policy} policy ({s.num_params} parameters), {s.num_responses} "
         f"responses ({s.length_cap}, H={s.horizon}), gamma={s.gamma}, G={s.group_size}, "
         f"seed={s.seed}: J={s.J:.6f}, |grad J|={s.grad_norm:.4f}, {s.seconds:.1f} s"
     )

@@ -120,24 +120,23 @@ class ExactModel(ExactTables):
             )
         return out.masked_fill(~self.tree.mask[rows], 0.0)
 
-    def _aggregation_coef(self, lengths: Tensor, mode: str) -> Tensor:
-        """``(n, G, H)`` ``d aggregate(x) / d x`` for groups with these ``(n, G)`` lengths.
+    def _aggregation_coef(self, masks: Tensor, mode: str) -> Tensor:
+        """``(n, G, H)`` ``d aggregate(x) / d x`` for groups with these ``(n, G, H)`` loss masks.
 
-        Every aggregation mode is linear in the per-token values for a fixed mask, so
-        the draw's gradient is ``sum c * A * grad logp``; computed once per distinct
-        length pattern.
+        The loss mask is the policy's tokens (``tree.policy_mask``: the environment's
+        replies are not counted, as in the agents' losses). Every aggregation mode is
+        linear in the per-token values for a fixed mask, so the draw's gradient is
+        ``sum c * A * grad logp``; computed once per distinct mask pattern of a group.
         """
-        h = self.tree.horizon
-        base = (h + 1) ** torch.arange(lengths.shape[1])
-        codes, inverse = torch.unique((lengths * base).sum(1), return_inverse=True)
-        uniq = (codes[:, None] // base[None, :]) % (h + 1)
+        n, g, h = masks.shape
+        uniq, inverse = torch.unique(masks.reshape(n, g * h), dim=0, return_inverse=True)
         coefs = []
         for row in uniq:
-            mask = torch.arange(h)[None, :] < row[:, None]
+            mask = row.view(g, h)
             x = torch.zeros(mask.shape, dtype=F64, requires_grad=True)
             val = est.aggregate(x, mask, mode)
-            (g,) = torch.autograd.grad(val, x, allow_unused=True)
-            coefs.append(torch.zeros_like(x) if g is None else g)
+            (grad,) = torch.autograd.grad(val, x, allow_unused=True)
+            coefs.append(torch.zeros_like(x) if grad is None else grad)
         return torch.stack(coefs)[inverse]
 
     def draw_coefficients(self, idx: Tensor, spec: EstimatorSpec, **kw: Any) -> Tensor:
@@ -148,7 +147,7 @@ class ExactModel(ExactTables):
         n, g = idx.shape
         rows = idx.reshape(-1)
         adv = self.advantages(rows, spec, **kw).view(n, g, -1)
-        coef = self._aggregation_coef(self.tree.lengths[idx], spec.aggregation)
+        coef = self._aggregation_coef(self.tree.policy_mask[idx], spec.aggregation)
         pairs = self.tree.pair[idx].reshape(n, -1)
         return scatter_pairs((adv * coef).reshape(n, -1), pairs, self.tree.num_pairs)
 

@@ -44,6 +44,7 @@ from llm_mdp import estimators_offpolicy as offp
 from .moments import ExactModel
 from .specs import F64, Comparison, EstimatorSpec, GradientMoments, InputSpec
 from .tables import as_f64_policy, node_log_probs
+from .tree import ResponseTree
 
 __all__ = [
     "BEHAVIOR_KINDS",
@@ -78,10 +79,11 @@ class Behavior:
     truncation: bool = False
 
 
-def _normalize(log_table: Tensor, forced: Tensor, eos_index: int) -> Tensor:
+def _normalize(log_table: Tensor, tree: ResponseTree) -> Tensor:
+    """Rows renormalised; forced and chance nodes keep their fixed law ``tree.env_prob``
+    (the behavior policy samples the policy's tokens, never the environment's)."""
     out = log_table - torch.logsumexp(log_table, dim=1, keepdim=True)
-    out[forced] = -math.inf
-    out[forced, eos_index] = 0.0
+    out[tree.fixed] = tree.env_prob[tree.fixed].log()
     return out
 
 
@@ -127,21 +129,20 @@ def make_behavior(
       renormalised; zeros allowed).
     """
     tr, pi, log_pi = model.tree, model.pi, model.log_pi
-    forced, eos = tr.forced, tr.eos_index
     trunc = False
     if kind == "on-policy":
         log_mu, name = log_pi.clone(), "on-policy"
     elif kind == "temperature":
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        log_mu, name = _normalize(log_pi / temperature, forced, eos), f"T={temperature:g}"
+        log_mu, name = _normalize(log_pi / temperature, tr), f"T={temperature:g}"
     elif kind in ("top_k", "top_p"):
         if kind == "top_k" and (top_k is None or top_k < 1):
             raise ValueError(f"top_k must be an int >= 1, got {top_k}")
         if kind == "top_p" and (top_p is None or not 0.0 < top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         keep = _keep_top(pi, top_k, top_p if kind == "top_p" else None)
-        log_mu = _normalize(log_pi.masked_fill(~keep, -math.inf), forced, eos)
+        log_mu = _normalize(log_pi.masked_fill(~keep, -math.inf), tr)
         name = f"top_k={top_k}" if kind == "top_k" else f"top_p={top_p:g}"
         trunc = True
     elif kind == "stale":
@@ -154,7 +155,7 @@ def make_behavior(
     elif kind == "perturbed":
         gen = torch.Generator().manual_seed(seed)
         eps = torch.randn(log_pi.shape, generator=gen, dtype=F64)
-        log_mu, name = _normalize(log_pi + scale * eps, forced, eos), f"perturbed({scale:g})"
+        log_mu, name = _normalize(log_pi + scale * eps, tr), f"perturbed({scale:g})"
     elif kind == "table":
         if table is None:
             raise ValueError("kind='table' needs table= ((n_nodes, A) probabilities)")
@@ -163,7 +164,7 @@ def make_behavior(
             raise ValueError(
                 f"table must be non-negative with shape {tuple(log_pi.shape)}, got {tuple(t.shape)}"
             )
-        log_mu, name = _normalize(t.log(), forced, eos), "table"
+        log_mu, name = _normalize(t.log(), tr), "table"
     else:
         raise ValueError(f"kind must be one of {BEHAVIOR_KINDS}, got {kind!r}")
     return Behavior(name, log_mu, log_mu > -math.inf, trunc)
@@ -391,7 +392,7 @@ class OffPolicyModel:
         group's loss (``idx``: ``(n, G)`` responses)."""
         tr, (n, g) = self.model.tree, idx.shape
         rows = idx.reshape(-1)
-        mask = tr.mask[rows]
+        mask = tr.policy_mask[rows]  # the loss counts the policy's tokens only
         adv = self._advantages(idx, spec).reshape(n * g, -1)
         logp = self.logp_pi[rows].clone().requires_grad_(True)
         logp_mu = self.logp_mu[rows]

@@ -22,7 +22,7 @@ from llm_mdp import estimators as est
 
 from .kl import KLRow, kl_rows
 from .moments import ExactModel
-from .setups import make_policy, paper_setup
+from .setups import SETUPS, echo_setup, make_policy, paper_setup
 from .specs import ALL_EXACT, EstimatorSpec, GradientMoments, InputSpec
 
 __all__ = [
@@ -58,6 +58,7 @@ class SetupInfo:
     J: float
     grad_norm: float
     seconds: float = 0.0
+    setup: str = "paper"
 
 
 @dataclass(frozen=True)
@@ -403,10 +404,13 @@ def verify(
     model: ExactModel | None = None,
     ref_policy: Any = None,
     tol: float = 1e-8,
+    setup: str = "paper",
 ) -> VerifyReport:
     """Check every estimator against the exact ``grad J``; see the module docstring.
 
     Args:
+        setup: ``"paper"`` (:func:`paper_setup`) or ``"echo"`` (:func:`echo_setup`, a
+            two-turn tree with a random environment reply; ZRA rewards, so ``gamma = 1``).
         gamma: discount of the :func:`paper_setup` (ignored when ``model`` is given).
         horizon: most tokens per response of the set-up.
         length_cap: ``"force-eos"`` or ``"env"`` (:data:`~llm_mdp.theory.tree.LENGTH_CAPS`).
@@ -424,11 +428,22 @@ def verify(
     """
     start = time.perf_counter()
     if model is None:
-        model = paper_setup(
-            gamma=gamma, horizon=horizon, length_cap=length_cap, seed=seed, policy=policy
-        )
+        if setup not in SETUPS:
+            raise ValueError(f"setup must be one of {SETUPS}, got {setup!r}")
+        multi_turn = setup == "echo"
+        if multi_turn:
+            if gamma != 1.0:
+                raise ValueError(
+                    f"gamma={gamma} with the echo set-up: its reward is response-level (ZRA), "
+                    "so gamma must be 1 (eq. (26))"
+                )
+            model = echo_setup(horizon=horizon, length_cap=length_cap, seed=seed, policy=policy)
+        else:
+            model = paper_setup(
+                gamma=gamma, horizon=horizon, length_cap=length_cap, seed=seed, policy=policy
+            )
         if kl and ref_policy is None:
-            ref_policy = make_policy(policy, horizon, seed + 1)
+            ref_policy = make_policy(policy, horizon, seed + 1, multi_turn=multi_turn)
         kind = policy
     else:
         kind = type(model.policy).__name__
@@ -461,7 +476,7 @@ def verify(
         )
     kl_part = kl_rows(model, ref_policy, tol=tol) if kl and ref_policy is not None else []
     tr = model.tree
-    setup = SetupInfo(
+    info = SetupInfo(
         policy=kind,
         num_params=model.num_params,
         length_cap=tr.length_cap,
@@ -474,8 +489,9 @@ def verify(
         J=model.J,
         grad_norm=float(model.grad_J.norm()),
         seconds=time.perf_counter() - start,
+        setup=setup,
     )
-    return VerifyReport(setup=setup, identities=identity_rows(model, tol), rows=rows, kl=kl_part)
+    return VerifyReport(setup=info, identities=identity_rows(model, tol), rows=rows, kl=kl_part)
 
 
 # ----------------------------------------------------------------------------- printing

@@ -30,6 +30,8 @@ from typing import Any, Self
 import torch
 from torch import Tensor
 
+from llm_mdp.tasks.turns import ReplyFn
+
 from .specs import F64, Comparison, GradientMoments, ResponseRewardFn, TokenRewardFn, compare
 from .tree import ResponseTree, enumerate_tree
 
@@ -54,10 +56,12 @@ def node_log_probs(policy: Any, tree: ResponseTree, device: torch.device) -> Ten
     """``(n_nodes, A)`` log pi(w | s) renormalised over ``tree.actions``, differentiable.
 
     One teacher-forced ``policy.log_probs`` call over every (free node, action) sequence;
-    forced nodes (``"force-eos"``) get log-prob 0 for EOS and ``-inf`` elsewhere.
+    forced nodes (``"force-eos"``) and chance nodes (the environment's reply) get the log
+    of their fixed row ``tree.env_prob``: log-prob 0 for a forced EOS, ``-inf`` where the
+    row is 0, no gradient.
     """
     a_n = tree.num_actions
-    free = (~tree.forced).nonzero().squeeze(1).tolist()
+    free = (~tree.fixed).nonzero().squeeze(1).tolist()
     width = max(len(p) for p in tree.prompts)
     h = tree.horizon
     pad = tree.eos_token_id
@@ -84,7 +88,8 @@ def node_log_probs(policy: Any, tree: ResponseTree, device: torch.device) -> Ten
     lp = lp.to(F64).view(len(free), a_n)
     lp = lp - torch.logsumexp(lp, dim=1, keepdim=True)
     table = torch.full((tree.num_nodes, a_n), -math.inf, dtype=F64, device=device)
-    table[tree.forced.to(device), tree.eos_index] = 0.0
+    fixed = tree.fixed.to(device)
+    table[fixed] = tree.env_prob.to(device)[fixed].log()
     return table.index_put((torch.tensor(free, dtype=torch.long, device=device),), lp)
 
 
@@ -206,7 +211,7 @@ class ExactTables:
                 f"token_rewards must have shape (n_nodes, A) = {(tr.num_nodes, a_n)}, "
                 f"got {tuple(r_table.shape)}"
             )
-        r_table = r_table.masked_fill(tr.forced[:, None] & (torch.arange(a_n) != tr.eos_index), 0.0)
+        r_table = r_table.masked_fill(tr.fixed[:, None] & (tr.env_prob == 0), 0.0)
         self.r_table = r_table
         tok_r = r_table.reshape(-1)[tr.pair].masked_fill(~tr.mask, 0.0)
         self.token_rewards = tok_r
@@ -253,9 +258,12 @@ class ExactTables:
         self.prefix_values = torch.where(pos < tr.lengths[:, None], u_cols, self.rewards[:, None])
         roots = [tr.node_index(k, ()) for k in range(n_prompts)]
         self.prompt_value = self.V[roots]
-        self.greedy_reward = torch.tensor(
-            [float(self.rewards[self._greedy(root)]) for root in roots], dtype=F64
-        )
+        if tr.multi_turn:  # the greedy policy's expected RM: the replies stay random
+            self.greedy_reward = self._greedy_value(n_prompts)
+        else:
+            self.greedy_reward = torch.tensor(
+                [float(self.rewards[self._greedy(root)]) for root in roots], dtype=F64
+            )
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -272,21 +280,34 @@ class ExactTables:
         reward: ResponseRewardFn | None = None,
         gamma: float = 1.0,
         tokenizer: Any = None,
+        reply_fn: ReplyFn | None = None,
+        max_turns: int | None = None,
     ) -> Self:
         """Build from plain Python reward functions over token ids.
 
         ``token_reward(prompt, prefix, token)`` gives true token rewards (any ``gamma``);
         ``reward(prompt, response)`` a response-level ``RM`` (ZRA, ``gamma = 1``). Give one
         (or both, to have them checked against each other). ``tokenizer`` (optional)
-        names the tokens in messages.
+        names the tokens in messages and is handed to ``reply_fn``. ``reply_fn`` and
+        ``max_turns`` make the tree multi-turn (:func:`~llm_mdp.theory.tree.enumerate_tree`);
+        ``token_reward`` is then also asked about the environment's tokens.
         """
-        tree = enumerate_tree(prompts, actions, eos_token_id, horizon, length_cap)
+        tree = enumerate_tree(
+            prompts,
+            actions,
+            eos_token_id,
+            horizon,
+            length_cap,
+            reply_fn=reply_fn,
+            max_turns=max_turns,
+            tokenizer=tokenizer,
+        )
         r_table = None
         if token_reward is not None:
             r_table = torch.zeros(tree.num_nodes, tree.num_actions, dtype=F64)
             for i, (k, prefix) in enumerate(tree.nodes):
                 for j, a in enumerate(tree.actions):
-                    if tree.forced[i] and a != tree.eos_token_id:
+                    if tree.fixed[i] and tree.env_prob[i, j] == 0:
                         continue
                     r_table[i, j] = float(token_reward(tree.prompts[k], prefix, a))
         rm = None
@@ -315,7 +336,10 @@ class ExactTables:
         ``actions`` default: the task's legal actions (``task.action_mask``); ``horizon`` default:
         ``task.max_response_tokens``; ``gamma`` default: ``task.gamma``. Token rewards come
         from ``task.token_reward_fn`` when the task has one (checked to be a function of
-        (prefix, token) and to sum to ``RM``), else ZRA from ``task.reward_fn``.
+        (prefix, token) and to sum to ``RM``), else ZRA from ``task.reward_fn``. A
+        multi-turn task (``task.reply_fn``, ``task.max_turns``) gives a tree with chance
+        nodes; its reward functions see the environment's tokens as the env shows them
+        (``ResponseBatch.policy_mask``).
         """
         from llm_mdp.tasks.base import ResponseBatch
 
@@ -333,7 +357,17 @@ class ExactTables:
                 f"horizon={h} exceeds the task's max_response_tokens={task.max_response_tokens}"
             )
         g = float(task.gamma if gamma is None else gamma)
-        tree = enumerate_tree(prompt_ids, acts, eos, h, length_cap)
+        tree = enumerate_tree(
+            prompt_ids,
+            acts,
+            eos,
+            h,
+            length_cap,
+            reply_fn=task.reply_fn,
+            max_turns=task.max_turns,
+            tokenizer=tok,
+            prompt_indices=range(len(prompt_ids)) if prompts is None else [-1] * len(prompt_ids),
+        )
         width = max(len(p) for p in tree.prompts)
         pids = torch.full((tree.num_responses, width), pad, dtype=torch.long)
         pmask = torch.zeros_like(pids)
@@ -350,6 +384,7 @@ class ExactTables:
             if prompts is None
             else torch.full_like(tree.resp_prompt, -1),
             tokenizer=tok,
+            policy_mask=tree.policy_mask.long() if tree.multi_turn else None,
         )
         rm = task.score(batch)
         tok_r = task.true_token_rewards(batch)
@@ -419,6 +454,17 @@ class ExactTables:
             if nxt < 0:
                 return tr.response_index(k, prefix)
             node = nxt
+
+    def _greedy_value(self, n_prompts: int) -> Tensor:
+        """``(n_prompts,)`` expected ``RM`` of the greedy policy (argmax at decision nodes,
+        the environment's law at chance nodes)."""
+        tr = self.tree
+        first = torch.argmax(self.pi, dim=1)
+        greedy = torch.zeros_like(self.pi).scatter_(1, first[:, None], 1.0)
+        rows = torch.where(tr.fixed[:, None], tr.env_prob, greedy).reshape(-1)
+        p = rows[tr.pair].masked_fill(~tr.mask, 1.0).prod(1)
+        out = torch.zeros(n_prompts, dtype=F64)
+        return out.index_add_(0, tr.resp_prompt, p * self.rewards)
 
     # ---------------------------------------------------------------- names
     def token_name(self, token: int) -> str:
