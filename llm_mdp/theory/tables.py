@@ -17,6 +17,12 @@ rewards together and computes, in float64:
   ``tr Cov g = <S S^T, Cov a>`` (:meth:`ExactTables.finish_moments`);
 * the exact moments of the theory weightings (:data:`~llm_mdp.theory.weightings.THEORY_WEIGHTINGS`).
 
+On a multi-turn tree (chance nodes, ``docs/theory.md#multi-turn``) the rows of the
+environment's nodes are its fixed reply law: ``P(W)`` is the product of the policy's and
+the environment's probabilities, ``V`` and ``Q`` average over the replies, and the
+environment's pairs have score 0, so every estimator's gradient sums over the policy's
+tokens only.
+
 The moments of registered estimators are added by :class:`~llm_mdp.theory.moments.ExactModel`.
 """
 
@@ -152,7 +158,10 @@ class ExactTables:
         U: ``(n_nodes,)`` ``E[RM | s]``; ``prefix_values``: ``(N, H + 1)`` ``U(s_1..s_{T+1})``
             with ``U(s_{T+1}) = RM(W)`` (and ``RM`` beyond ``T``).
         J: float. ``grad_J``: ``(P,)``.
-        greedy_reward: ``(n_prompts,)`` ``RM`` of the greedy response of each prompt.
+        greedy_reward: ``(n_prompts,)`` ``RM`` of the greedy response of each prompt; on a
+            multi-turn tree the greedy policy's expected ``RM`` over the environment's
+            replies (ReMax's baseline is then the mean of its greedy rollout's reward:
+            the mean gradient is exact, the variance is that of this mean baseline).
         prompt_value: ``(n_prompts,)`` ``V(prompt) = U(root)``.
         zra: the token rewards were built from ``rewards`` by the Zero-Reward Assumption.
         within: ``(n_nodes, N)`` ``P(W | s)``; ``reward_var``: ``(n_nodes,)`` ``Var(RM | s)``.
