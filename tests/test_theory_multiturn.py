@@ -24,6 +24,7 @@ from llm_mdp.theory import (
     SETUPS,
     EstimatorSpec,
     ExactModel,
+    InputSpec,
     echo_setup,
     enumerate_tree,
     make_policy,
@@ -200,6 +201,32 @@ def test_aggregation_counts_the_policy_tokens_only() -> None:
     expected = torch.zeros(tr.num_pairs, dtype=torch.float64)
     expected[pairs[tr.policy_mask[r, : len(pairs)]]] = float(m.rewards[r]) / 3
     assert torch.allclose(coef, expected, atol=TOL, rtol=0)
+
+
+def test_trepo_runs_over_decision_states_as_the_agent_does() -> None:
+    m = model()
+    tr = m.tree
+    rows = torch.arange(tr.num_responses)
+    nodes, n, columns = m.state_view(rows)
+    assert torch.equal(n, tr.policy_mask.sum(1))
+    valid = torch.arange(HORIZON)[None, :] < n[:, None]
+    assert not tr.chance[nodes[valid]].any()  # never a prefix inside a reply
+    assert torch.equal(tr.node_of.gather(1, columns.clamp(max=HORIZON - 1))[valid], nodes[valid])
+    assert bool(tr.policy_mask.gather(1, columns.clamp(max=HORIZON - 1))[valid].all())
+    spec = EstimatorSpec("trepo", inputs=InputSpec(prefix_values="exact"))
+    adv = m.advantages(rows, spec)
+    assert float(adv.masked_fill(tr.policy_mask, 0.0).abs().max()) == 0.0
+    # V(next decision state) - V(s_t): the weights of the policy's tokens telescope to
+    # RM(W) - V(prompt), the environment's luck included (credited to the turn's EOS)
+    assert torch.allclose(adv.sum(1), m.rewards - m.prompt_value[0], atol=TOL, rtol=0)
+    r = tr.response_index(0, (EOS, A, A, A, EOS, B))
+    after_reply = m.U[tr.node_index(0, (EOS, A, A))]
+    assert float(adv[r, 0]) == pytest.approx(float(after_reply - m.U[tr.node_index(0, ())]))
+
+
+def test_multi_turn_tables_need_gamma_one() -> None:
+    with pytest.raises(ValueError, match=r"gamma=0\.9 on a multi-turn tree"):
+        ExactModel(policy(), model().tree, token_rewards=model().r_table, gamma=0.9)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -30,7 +31,12 @@ from llm_mdp.estimators import AdvantageInputs
 from .specs import F64, EstimatorSpec, GradientMoments, InputSpec
 from .tables import ExactTables, scatter_pairs
 
-__all__ = ["ExactModel", "ordered_groups"]
+__all__ = ["STATE_ESTIMATORS", "ExactModel", "ordered_groups"]
+
+STATE_ESTIMATORS = ("trepo",)
+"""Estimators the agents run over decision states on a multi-turn task (columns = the
+policy's tokens, right-padded; ``ExactModel.state_view``), as the TRePO agent does; every
+other estimator sees the response columns with the policy's tokens as its mask."""
 
 
 def ordered_groups(n: int, g: int, multisets: bool, step: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -60,6 +66,39 @@ class ExactModel(ExactTables):
     :meth:`moments` gives one draw's ``E g`` and ``tr Cov g`` for an estimator.
     """
 
+    def state_view(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The decision states of responses ``rows``, as the agents index them.
+
+        Returns ``(nodes (b, H), lengths (b,), columns (b, H))``: ``nodes[i, k]`` is the
+        state of the policy's ``k``-th token (0 past ``lengths[i]``, the number of the
+        policy's tokens) and ``columns[i, k]`` its response column (``H`` past the end).
+        Single-turn: the response positions themselves. Multi-turn: the environment's
+        tokens are skipped, so the state after a turn's EOS is the one after the reply
+        (``llm_mdp.agents.rollout.Rollout.decision_columns``): TRePO's prefix values,
+        anchors and value rollouts live on these states.
+        """
+        tr, h = self.tree, self.tree.horizon
+        cols = torch.arange(h).expand(len(rows), h)
+        if not tr.multi_turn:
+            return tr.node_of[rows], tr.lengths[rows], cols
+        pm = tr.policy_mask[rows]
+        n = pm.sum(1)
+        order = torch.sort((~pm).to(torch.int8), dim=1, stable=True).indices  # policy first
+        valid = cols < n[:, None]
+        nodes = torch.where(valid, tr.node_of[rows].gather(1, order), 0)
+        return nodes, n, torch.where(valid, order, h)
+
+    def state_prefix_values(self, rows: Tensor) -> Tensor:
+        """``(b, H + 1)`` exact ``U`` at the decision states of :meth:`state_view`, ``RM(W)``
+        from the terminal state on (:attr:`prefix_values` for a single-turn tree)."""
+        if not self.tree.multi_turn:
+            return self.prefix_values[rows]
+        nodes, n, _ = self.state_view(rows)
+        rm = self.rewards[rows][:, None]
+        u = torch.cat([self.U[nodes], rm], dim=1)
+        pos = torch.arange(self.tree.horizon + 1)[None, :]
+        return torch.where(pos < n[:, None], u, rm)
+
     def advantage_inputs(
         self,
         rows: Tensor,
@@ -72,10 +111,15 @@ class ExactModel(ExactTables):
         """:class:`AdvantageInputs` for responses ``rows`` (``(B,)``, groups contiguous).
 
         The sampled TRePO inputs (``prefix_values="mc"``) are passed in; everything else
-        is filled from the exact tables as ``spec.inputs`` says.
+        is filled from the exact tables as ``spec.inputs`` says. On a multi-turn tree the
+        mask is the policy's tokens (as the agents' ``Rollout.response_mask``), a true
+        token reward of an environment token is added to the policy token before it
+        (``gamma = 1``), and prefix values are indexed by decision state
+        (:meth:`state_view`; a :data:`STATE_ESTIMATORS` estimator then runs on those
+        states, :meth:`advantages`).
         """
         tr, inp = self.tree, spec.inputs
-        mask = tr.mask[rows]
+        mask = tr.policy_mask[rows]
         rewards = self.rewards[rows]
         kw: dict[str, Any] = {}
         prompt = tr.resp_prompt[rows]
@@ -84,7 +128,7 @@ class ExactModel(ExactTables):
         elif inp.baseline == "value":
             kw["baseline"] = self.prompt_value[prompt]
         if inp.token_rewards == "true":
-            kw["token_rewards"] = self.token_rewards[rows]
+            kw["token_rewards"] = self._policy_token_rewards(rows)
         elif inp.token_rewards == "zra":
             kw["token_rewards"] = est.zra_token_rewards(rewards, mask)
         if inp.values == "exact":
@@ -94,7 +138,7 @@ class ExactModel(ExactTables):
         elif inp.values == "zero":
             kw["values"] = torch.zeros(mask.shape, dtype=F64)
         if inp.prefix_values == "exact":
-            kw["prefix_values"] = self.prefix_values[rows]
+            kw["prefix_values"] = self.state_prefix_values(rows)
             kw["prefix_known"] = torch.ones(len(rows), tr.horizon + 1, dtype=torch.bool)
         elif inp.prefix_values == "mc":
             if prefix_values is None or prefix_known is None:
@@ -111,14 +155,35 @@ class ExactModel(ExactTables):
         ``kw``: sampled TRePO inputs (:meth:`sample_prefix_values`), see :meth:`advantage_inputs`.
         """
         fn = est.get_advantage_estimator(spec.name)
-        out = fn(self.advantage_inputs(rows, spec, **kw), **dict(spec.options))
+        tr, h = self.tree, self.tree.horizon
+        inputs = self.advantage_inputs(rows, spec, **kw)
+        on_states = tr.multi_turn and spec.name in STATE_ESTIMATORS
+        if on_states:  # over decision states, right-padded, as the TRePO agent runs it
+            _, n, columns = self.state_view(rows)
+            inputs = replace(inputs, mask=torch.arange(h)[None, :] < n[:, None])
+        out = fn(inputs, **dict(spec.options))
         out = torch.as_tensor(out).to(F64)
-        if out.shape != (len(rows), self.tree.horizon):
+        if out.shape != (len(rows), h):
             raise ValueError(
                 f"advantage estimator {spec.name!r} returned shape {tuple(out.shape)}, "
-                f"expected {(len(rows), self.tree.horizon)}"
+                f"expected {(len(rows), h)}"
             )
-        return out.masked_fill(~self.tree.mask[rows], 0.0)
+        if on_states:  # back to the response columns of the policy's tokens
+            full = torch.zeros(len(rows), h + 1, dtype=F64)
+            out = full.scatter_(1, columns, out.masked_fill(~inputs.mask, 0.0))[:, :h]
+        return out.masked_fill(~tr.policy_mask[rows], 0.0)
+
+    def _policy_token_rewards(self, rows: Tensor) -> Tensor:
+        """``(b, H)`` true token rewards with each environment token's added to the policy
+        token before it (the reply is part of that token's transition; ``gamma = 1``)."""
+        tr = self.tree
+        tok = self.token_rewards[rows]
+        if not tr.multi_turn:
+            return tok
+        pm = tr.policy_mask[rows]
+        cols = torch.arange(tr.horizon).expand_as(pm)
+        owner = torch.where(pm, cols, -1).cummax(dim=1).values.clamp(min=0)
+        return torch.zeros_like(tok).scatter_add_(1, owner, tok.masked_fill(~tr.mask[rows], 0.0))
 
     def _aggregation_coef(self, masks: Tensor, mode: str) -> Tensor:
         """``(n, G, H)`` ``d aggregate(x) / d x`` for groups with these ``(n, G, H)`` loss masks.
@@ -269,7 +334,7 @@ class ExactModel(ExactTables):
         ``anchor`` is ``(b, H)`` bool, position ``t`` at column ``t - 1``.
         """
         return anchor_plan(
-            self.tree.lengths[rows],
+            self.state_view(rows)[1],
             anchor,
             columns=inputs.anchor_columns,
             value_estimates=inputs.value_estimates,
@@ -284,7 +349,7 @@ class ExactModel(ExactTables):
         b, h = len(rows), self.tree.horizon
         counts = torch.full((b, h), float(inputs.rollouts), dtype=F64)
         counts[:, 0] = float(inputs.root_rollouts or inputs.rollouts)
-        var = self.reward_var[self.tree.node_of[rows]] / counts
+        var = self.reward_var[self.state_view(rows)[0]] / counts
         active = torch.cat([plan.first[:, :h], plan.second[:, :h]], dim=1)
         return torch.where(active, torch.cat([var, var], 1), torch.zeros((), dtype=F64))
 
@@ -314,7 +379,7 @@ class ExactModel(ExactTables):
         """
         tr = self.tree
         b, h = len(rows), tr.horizon
-        lengths = tr.lengths[rows]
+        state_nodes, lengths, _ = self.state_view(rows)
         pos = torch.arange(h)[None, :]
         if inputs.anchors is None:
             anchor = pos < lengths[:, None]
@@ -323,7 +388,7 @@ class ExactModel(ExactTables):
             keys = keys.masked_fill(pos >= lengths[:, None], math.inf)
             anchor = (keys.argsort(1).argsort(1) < inputs.anchors) & (pos < lengths[:, None])
         plan = self.anchor_plan(rows, anchor, inputs)
-        nodes = tr.node_of[rows].reshape(-1)
+        nodes = state_nodes.reshape(-1)
         k_max = max(inputs.rollouts, inputs.root_rollouts or 0)
         draws = torch.multinomial(self.within[nodes], k_max, replacement=True, generator=generator)
         draws2 = torch.multinomial(self.within[nodes], k_max, replacement=True, generator=generator)
@@ -373,8 +438,9 @@ class ExactModel(ExactTables):
         tr, inp = self.tree, spec.inputs
         h = tr.horizon
         rows, anchors, weights = [], [], []
+        state_nodes, state_lengths, _ = self.state_view(torch.arange(tr.num_responses))
         for i in range(tr.num_responses):
-            t_len = int(tr.lengths[i])
+            t_len = int(state_lengths[i])
             m = t_len if inp.anchors is None else min(inp.anchors, t_len)
             subsets = list(itertools.combinations(range(t_len), m))
             for sub in subsets:
@@ -389,7 +455,7 @@ class ExactModel(ExactTables):
         nb, n_slots = len(r), 2 * h
         plan = self.anchor_plan(r, anchors_t, inp)
         var = self.slot_variance(r, plan, inp)
-        u = self.U[tr.node_of[r]]
+        u = self.U[state_nodes[r]]
         base_slots = torch.cat([u, u], dim=1)  # (nb, 2H): every estimate's mean
 
         def run(slot_values: Tensor, reps: int) -> Tensor:

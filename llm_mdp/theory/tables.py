@@ -179,6 +179,12 @@ class ExactTables:
     ) -> None:
         if not 0.0 < gamma <= 1.0:
             raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        if tree.multi_turn and gamma != 1.0:
+            raise ValueError(
+                f"gamma={gamma} on a multi-turn tree: the agents count time in the policy's "
+                "tokens, the tables in every token; the exact toolkit needs gamma = 1 there "
+                "(docs/theory.md#multi-turn)"
+            )
         self.tree = tree
         self.gamma = float(gamma)
         self.tokenizer = tokenizer

@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 import torch
 
-from llm_mdp.tasks.turns import ReplyFn, reply_after
+from llm_mdp.tasks.turns import ReplyFn, ReplyOutcomes, reply_after
 
 __all__ = ["LENGTH_CAPS", "LengthCap", "ResponseTree", "enumerate_tree"]
 
@@ -170,7 +170,7 @@ class _State:
     prefix: tuple[int, ...]
     policy: tuple[bool, ...]
     turns: int
-    outcomes: tuple[tuple[float, tuple[int, ...]], ...] | None = None
+    outcomes: ReplyOutcomes | None = None
 
 
 def enumerate_tree(
@@ -230,7 +230,7 @@ def enumerate_tree(
         )
     a_index = {a: j for j, a in enumerate(acts)}
 
-    def reply(k: int, state: _State) -> tuple[tuple[float, tuple[int, ...]], ...] | None:
+    def reply(k: int, state: _State) -> ReplyOutcomes | None:
         if reply_fn is None:
             return None
         out = reply_after(
@@ -286,7 +286,7 @@ def enumerate_tree(
                 chance = (
                     None if outcomes is None else _State(nxt.prefix, nxt.policy, turns, outcomes)
                 )
-                out.append((a_index[a], 1.0 if forced else 0.0, chance))
+                out.append((a_index[a], 0.0, chance))
         return out
 
     nodes: list[tuple[int, tuple[int, ...]]] = []
