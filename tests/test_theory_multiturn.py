@@ -303,3 +303,17 @@ def test_verify_cli_runs_the_echo_setup(capsys: pytest.CaptureFixture[str]) -> N
     assert "llm-mdp verify (echo)" in capsys.readouterr().out
     assert main([*args, "--gamma", "0.9"]) == 2
     assert "gamma must be 1" in capsys.readouterr().err
+
+
+def test_a_transformer_policy_reads_the_replies_and_stays_exact() -> None:
+    m = echo_setup(horizon=4, policy="gpt2", seed=3)
+    assert abs(float(m.prob.sum()) - 1.0) < TOL
+    # the policy conditions on the reply: its next-token law differs after "a" and "b"
+    after_a, after_b = (m.tree.node_index(0, (EOS, t)) for t in (A, B))
+    assert float((m.pi[after_a] - m.pi[after_b]).abs().max()) > 1e-3
+    scale = max(1.0, float(m.grad_J.abs().max()))
+    for spec in (
+        EstimatorSpec("rloo", group_size=2),
+        EstimatorSpec("trepo", inputs=InputSpec(prefix_values="exact")),
+    ):
+        assert float((m.moments(spec).mean - m.grad_J).abs().max()) < 1e-12 * scale

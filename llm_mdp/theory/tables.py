@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any, Self
 
 import torch
@@ -499,16 +500,28 @@ class ExactTables:
     # ---------------------------------------------------------------- values
     def zra_values(self) -> Tensor:
         """``(n_nodes,)`` MDP values of the ZRA rewards (``RM`` on the last token) with ``gamma``."""
+        return self._zra_values.clone()
+
+    @cached_property
+    def _zra_values(self) -> Tensor:
         tr = self.tree
         table = torch.zeros(tr.num_pairs, dtype=F64)
         last = tr.pair.gather(1, (tr.lengths - 1)[:, None]).squeeze(1)
         table[last] = self.rewards
         return mdp_values(table.view(tr.num_nodes, tr.num_actions), self.pi, tr, self.gamma)[0]
 
+    @cached_property
+    def _position_values(self) -> dict[str, Tensor]:
+        tr = self.tree
+        return {
+            which: v[tr.node_of].masked_fill(~tr.mask, 0.0)
+            for which, v in (("true", self.V), ("zra", self._zra_values))
+        }
+
     def position_values(self, which: str = "true") -> Tensor:
-        """``(N, H)`` ``V(s_t)`` at each position for ``"true"`` or ``"zra"`` token rewards."""
-        v = self.V if which == "true" else self.zra_values()
-        return v[self.tree.node_of].masked_fill(~self.tree.mask, 0.0)
+        """``(N, H)`` ``V(s_t)`` at each position for ``"true"`` or ``"zra"`` token rewards
+        (computed once: the estimators read them on every draw)."""
+        return self._position_values["true" if which == "true" else "zra"]
 
     # ---------------------------------------------------------------- theory weightings
     def weights(self, name: str, **options: Any) -> Tensor:
