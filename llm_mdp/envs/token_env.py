@@ -19,8 +19,9 @@ from llm_mdp.tasks import Task
 class LLMTokenEnv(gym.Env):
     """Text generation as a Gymnasium env: one token per step, reward only at the end.
 
-    Observation: ``{"input_ids": (W,) int64, "attention_mask": (W,) int64}`` (prompt
-    right-aligned in the first ``P`` columns, response from column ``P``). Action: a
+    Observation: ``{"input_ids": (W,) int64, "attention_mask": (W,) int64,
+    "policy_mask": (W,) int64}`` (prompt right-aligned in the first ``P`` columns,
+    response from column ``P``; ``policy_mask`` is 1 on the tokens the policy chose). Action: a
     token id in ``Discrete(vocab_size)``. Reward: 0.0 on every step except the last, which
     pays the task's response-level reward ``RM(W)``. EOS ends the episode
     (``terminated``); so does reaching ``max_response_tokens`` (``terminated`` by
@@ -29,6 +30,13 @@ class LLMTokenEnv(gym.Env):
     ``reset(seed=..., options=...)`` options: ``prompt`` (text) or ``prompt_index`` (into
     ``task.prompts``), and ``response_prefix`` (list of token ids already generated), so
     any node of the response tree can be the start state.
+
+    Multi-turn tasks (``Task.reply_fn``): an EOS ends a turn, and the same ``step``
+    appends the environment's reply (its tokens are not actions: ``policy_mask`` 0) and
+    goes on; the episode ends when the task stops replying, at ``max_turns`` or at the
+    length cap, which counts the replies. Random replies draw from the env's generator,
+    so ``reset(seed=...)`` fixes them. ``render()`` shows the turns
+    (``policy: ... | env: ...``). See :mod:`llm_mdp.envs.turns`.
 
     When the episode ends, ``info`` holds ``prompt`` and ``response`` text (unless
     ``info_text=False``: then nothing is decoded) and, for tasks with true token-level
@@ -102,6 +110,8 @@ class LLMTokenEnv(gym.Env):
         if "prompts" not in vec_options and "prompt_indices" not in vec_options:
             n = len(self.task.prompts)
             vec_options["prompt_indices"] = [int(self.np_random.integers(0, n))]
+        if self.task.multi_turn:  # random replies: a stream drawn from this env's generator
+            vec_options["reply_streams"] = [int(self.np_random.integers(0, 2**62))]
         obs, _ = self._vec.reset(options=vec_options)
         self._ended = False
         return self._row(obs), {"prompt_index": int(self._vec.prompt_index[0])}

@@ -16,10 +16,21 @@ left-aligned from column ``P``. So the responses of a batch are ``input_ids[:, P
 with mask ``attention_mask[:, P:]``: the final observation *is* the training batch,
 with no re-layout, and ``P`` is the same for every row.
 
+A third key, ``policy_mask``, is 1 on the response tokens the policy chose and 0 on
+prompt, padding and tokens the environment injected (multi-turn tasks); for a
+single-turn task it equals ``attention_mask`` on the response columns.
+
 An episode ends when the policy emits EOS (``terminated``) or when the response reaches
 ``max_response_tokens`` tokens. The length cap is part of the task (a finite-horizon
 MDP), so by default it also reports ``terminated``; pass ``length_cap="truncated"`` if
 you want time-limit semantics (SB3 then bootstraps a value at the cap).
+
+Multi-turn: for a task with a ``reply_fn`` an EOS ends a *turn*; the env appends the
+task's reply tokens within the same ``step`` (part of the transition, not actions;
+``policy_mask`` 0) and the episode goes on until the reply is ``None``, the
+``max_turns``-th EOS, or the length cap ``R`` (which counts replies too; a reply that
+does not fit is cut there). The reward still comes at the end (or per turn as true
+token rewards). Details in :mod:`llm_mdp.envs.turns` and ``docs/theory.md#multi-turn``.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from llm_mdp.envs.turns import answer_turns, multi_turn_prefixes, turn_segments
 from llm_mdp.tasks import ResponseBatch, Task, make_task
 from llm_mdp.utils import resolve_device
 
@@ -75,7 +87,13 @@ class LLMTokenVectorEnv(VectorEnv):
         ``task.prompts``; ``B / group_size`` entries. Default: sampled uniformly.
         ``group_size``: ``G``; each prompt fills ``G`` consecutive rows (GRPO groups).
         ``response_prefix``: per row a list of response token ids to start from, so any
-        node of the response tree can be a start state (EOS not allowed inside).
+        node of the response tree can be a start state (EOS not allowed inside; for a
+        multi-turn task the prefix may hold finished turns and the environment's
+        replies, and one that stops inside a reply is completed with the rest of it).
+        ``reply_streams``: ``(n,)`` int64 counter-based stream ids, one per reset row:
+        random replies then draw ``counter_uniforms(stream, EOS column)``, so a row's
+        episode depends only on its streams (the agents' rollouts pass them); without,
+        the env's own seeded generator draws.
         ``reset_mask``: bool ``(B,)``: reset only these rows (others keep their state).
     """
 
@@ -156,6 +174,7 @@ class LLMTokenVectorEnv(VectorEnv):
             {
                 "input_ids": gym.spaces.Box(0, self.vocab_size - 1, (self.W,), np.int64),
                 "attention_mask": gym.spaces.Box(0, 1, (self.W,), np.int64),
+                "policy_mask": gym.spaces.Box(0, 1, (self.W,), np.int64),
             }
         )
         self.action_space = batch_space(self.single_action_space, num_envs)
@@ -165,6 +184,10 @@ class LLMTokenVectorEnv(VectorEnv):
         kw: dict[str, Any] = {"device": self.device}
         self.ids = torch.full((B, self.W), self.pad_token_id, dtype=torch.long, **kw)
         self.mask = torch.zeros((B, self.W), dtype=torch.long, **kw)
+        self.policy_flags = torch.zeros((B, self.W), dtype=torch.long, **kw)
+        self.turns = torch.zeros(B, dtype=torch.long, **kw)  # turns the policy finished
+        self.reply_streams: torch.Tensor | None = None  # see the reset option
+        self.has_reply_stream = torch.zeros(B, dtype=torch.bool, **kw)
         self.response_len = torch.zeros(B, dtype=torch.long, **kw)
         self.prompt_index = torch.full((B,), -1, dtype=torch.long, **kw)
         self.terminated = torch.zeros(B, dtype=torch.bool, **kw)
@@ -195,7 +218,14 @@ class LLMTokenVectorEnv(VectorEnv):
         if seed is not None:
             self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seed)
         options = dict(options or {})
-        known = {"prompts", "prompt_indices", "group_size", "response_prefix", "reset_mask"}
+        known = {
+            "prompts",
+            "prompt_indices",
+            "group_size",
+            "response_prefix",
+            "reply_streams",
+            "reset_mask",
+        }
         unknown = set(options) - known
         if unknown:
             raise ValueError(f"unknown reset option(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -223,6 +253,8 @@ class LLMTokenVectorEnv(VectorEnv):
             ids, pmask, index = (x.repeat_interleave(G, 0) for x in (ids, pmask, index))
         self.ids[rows] = self.pad_token_id
         self.mask[rows] = 0
+        self.policy_flags[rows] = 0
+        self.turns[rows] = 0
         self.ids[rows, : self.P] = ids
         self.mask[rows, : self.P] = pmask
         self.prompt_index[rows] = index
@@ -230,6 +262,7 @@ class LLMTokenVectorEnv(VectorEnv):
         self.terminated[rows] = False
         self.truncated[rows] = False
         self._autoreset_pending[rows] = False
+        self._set_reply_streams(rows, options.get("reply_streams"))
         prefix = options.get("response_prefix")
         if prefix is not None:
             self._write_prefix(rows, prefix)
@@ -274,6 +307,21 @@ class LLMTokenVectorEnv(VectorEnv):
         idx = idx.to(self.device)
         return self._pool_ids[idx], self._pool_mask[idx], idx
 
+    def _set_reply_streams(self, rows: torch.Tensor, streams: Any) -> None:
+        if streams is None:
+            self.has_reply_stream[rows] = False
+            return
+        s = torch.as_tensor(streams, device=self.device)
+        if s.dtype != torch.long or s.shape != (rows.numel(),):
+            raise ValueError(
+                f"reply_streams must be ({rows.numel()},) int64 stream ids, one per reset row; "
+                f"got shape {tuple(s.shape)} dtype {s.dtype}"
+            )
+        if self.reply_streams is None:
+            self.reply_streams = torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
+        self.reply_streams[rows] = s
+        self.has_reply_stream[rows] = True
+
     def _write_prefix(self, rows: torch.Tensor, prefix: Any) -> None:
         if isinstance(prefix, str | bytes) or len(prefix) != rows.numel():
             raise ValueError(
@@ -295,6 +343,16 @@ class LLMTokenVectorEnv(VectorEnv):
                     f"has fewer than max_response_tokens={self.R}"
                 )
             lists.append(p)
+        if self.task.multi_turn:
+            lists, flags, turns = multi_turn_prefixes(self, rows.tolist(), lists)
+            for i, p, f, t in zip(rows.tolist(), lists, flags, turns, strict=True):
+                cols = slice(self.P, self.P + len(p))
+                self.ids[i, cols] = torch.tensor(p, dtype=torch.long, device=self.device)
+                self.mask[i, cols] = 1
+                self.policy_flags[i, cols] = torch.tensor(f, dtype=torch.long, device=self.device)
+                self.response_len[i] = len(p)
+                self.turns[i] = t
+            return
         # one batched check and write (per-token Python work here would cost more than
         # the rollout on small models: TRePO resets hundreds of prefixes per update)
         lengths = [len(p) for p in lists]
@@ -316,6 +374,7 @@ class LLMTokenVectorEnv(VectorEnv):
             cols = slice(self.P, self.P + width)
             self.ids[rows, cols] = torch.where(filled, block, self.pad_token_id).to(self.device)
             self.mask[rows, cols] = filled.long().to(self.device)
+            self.policy_flags[rows, cols] = filled.long().to(self.device)
             self.response_len[rows] = torch.tensor(lengths, device=self.device)
 
     # ------------------------------------------------------------------ step
@@ -344,8 +403,14 @@ class LLMTokenVectorEnv(VectorEnv):
             1, col, torch.where(active, a, self.ids.gather(1, col).squeeze(1)).unsqueeze(1)
         )
         self.mask.scatter_(1, col, (self.mask.gather(1, col).squeeze(1) | active).unsqueeze(1))
+        flags = self.policy_flags
+        flags.scatter_(1, col, (flags.gather(1, col).squeeze(1) | active).unsqueeze(1))
         self.response_len += active
         ended_eos = active & (a == self.eos_token_id)
+        if self.task.multi_turn and bool(ended_eos.any()):
+            # the env's replies are part of this transition: appended now, and only the
+            # EOS tokens they do not answer end the episode
+            ended_eos = answer_turns(self, ended_eos)
         finished = active & (ended_eos | (self.response_len >= self.R))
         if self.length_cap == "terminated":
             self.terminated |= finished
@@ -456,6 +521,7 @@ class LLMTokenVectorEnv(VectorEnv):
             response_mask=self.mask[r, self.P :],
             prompt_indices=self.prompt_index[r],
             tokenizer=self.tokenizer,
+            policy_mask=self.policy_flags[r, self.P :],
         )
 
     def _encode_prompt(self, text: str, check_width: bool = False) -> list[int]:
@@ -486,6 +552,7 @@ class LLMTokenVectorEnv(VectorEnv):
         return {
             "input_ids": self._to_backend(self.ids.clone()),
             "attention_mask": self._to_backend(self.mask.clone()),
+            "policy_mask": self._to_backend(self.policy_flags.clone()),
         }
 
     def _to_backend(self, x: torch.Tensor) -> Any:
@@ -493,9 +560,12 @@ class LLMTokenVectorEnv(VectorEnv):
 
     # ------------------------------------------------------------------ render
     def render_text(self, rows: Sequence[int] | None = None) -> str:
-        """One line per row: ``prompt | response so far`` and the row's status."""
+        """One line per row: ``prompt | response so far`` and the row's status; for a
+        multi-turn task the response is shown turn by turn (``policy: ... | env: ...``,
+        special tokens kept so EOS marks where the policy ended a turn)."""
         lines = []
         ids, mask = self.ids.tolist(), self.mask.tolist()
+        flags = self.policy_flags.tolist() if self.task.multi_turn else None
         for i in rows if rows is not None else range(self.num_envs):
             toks = [t for t, m in zip(ids[i], mask[i], strict=True) if m]
             n_prompt = sum(mask[i][: self.P])
@@ -508,6 +578,14 @@ class LLMTokenVectorEnv(VectorEnv):
                 if self.truncated[i]
                 else "running"
             )
+            if flags is not None:
+                n = int(self.response_len[i])
+                segs = turn_segments(
+                    self.tokenizer, ids[i][self.P : self.P + n], flags[i][self.P : self.P + n]
+                )
+                turns = " | ".join(f"{who}: {text!r}" for who, text in segs) or "''"
+                lines.append(f"[{i}] {prompt!r} | {turns} ({status}, turn {int(self.turns[i])})")
+                continue
             lines.append(f"[{i}] {prompt!r} | {response!r} ({status})")
         return "\n".join(lines)
 
