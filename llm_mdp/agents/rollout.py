@@ -5,7 +5,15 @@ token at position ``c`` of a row is a hash of ``(stream id of the row, c)``. A r
 episode therefore depends only on its stream id -- not on the batch it runs in, the order
 of rows, or how many processes share the work -- which makes data-parallel runs equal
 single-process runs, lets value rollouts be batched any way, and makes resuming a run
-need no generator state.
+need no generator state. The environment's random replies of a multi-turn task draw from
+a stream of their own derived from the row's (``reply_streams`` at reset), so they too
+depend only on the row's stream id.
+
+Multi-turn episodes: the env appends its replies inside ``step``, so a row's response
+grows by more than one token on such steps. The rollout reads each row's next column from
+the observation, records log-probs only where the policy chose the token, and keeps the
+env's ``policy_mask``: :attr:`Rollout.response_mask` is 1 on the policy's tokens only, so
+every agent's loss, KL, advantages and aggregation skip the injected tokens.
 """
 
 from __future__ import annotations
@@ -20,7 +28,11 @@ from llm_mdp.agents.streams import counter_uniforms, stream_ids
 from llm_mdp.envs import LLMTokenVectorEnv
 from llm_mdp.policies import Policy
 
+REPLY_STREAM_KEY = 0x5E91
+"""Key part that derives a row's reply stream from its token stream."""
+
 __all__ = [
+    "REPLY_STREAM_KEY",
     "EnvPool",
     "Rollout",
     "counter_uniforms",
@@ -59,8 +71,16 @@ class Rollout:
         next_values: ``(B, L)`` independent estimates of ``V(s_{t+1})`` (TRePO with
             ``value_estimates="fresh"``), NaN where there is none.
         value_rollouts: episodes run for value estimates in this batch (TRePO).
+        policy_mask: ``(B, L)`` int64, 1 on the response tokens the policy chose, 0 on
+            tokens the environment injected (multi-turn tasks) and on padding; ``None``:
+            every response token is the policy's (:attr:`response_mask` then falls back
+            to the attention mask).
         extras: free-form per-agent data for users' own agents (per-row tensors are
             kept by :meth:`select`); the built-in agents use the typed fields above.
+
+    Prefix columns (``prefix_values``, ``prefix_known``, ``next_values``) are indexed by
+    *decision state*: column ``k`` is the state before the policy's ``k``-th token (see
+    :meth:`decision_columns`); for a single-turn task that is the response column.
     """
 
     input_ids: torch.Tensor
@@ -81,6 +101,7 @@ class Rollout:
     prefix_known: torch.Tensor | None = None
     next_values: torch.Tensor | None = None
     value_rollouts: int = 0
+    policy_mask: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     ROW_FIELDS: ClassVar[tuple[str, ...]] = (
@@ -97,6 +118,7 @@ class Rollout:
         "prefix_values",
         "prefix_known",
         "next_values",
+        "policy_mask",
     )
     """The fields that hold one row per response (besides the observation)."""
 
@@ -109,12 +131,52 @@ class Rollout:
 
     @property
     def response_mask(self) -> torch.Tensor:
-        """``(B, L)`` 1 on response tokens (EOS included)."""
+        """``(B, L)`` 1 on the response tokens the policy chose (EOS included): what
+        log-probs, KL, advantages and aggregation count. Injected tokens of a multi-turn
+        task are 0 (:attr:`token_mask` has them)."""
+        if self.policy_mask is not None:
+            return self.policy_mask
+        return self.attention_mask[:, self.prompt_width :]
+
+    @property
+    def token_mask(self) -> torch.Tensor:
+        """``(B, L)`` 1 on every response token, the environment's included."""
         return self.attention_mask[:, self.prompt_width :]
 
     @property
     def response_lengths(self) -> torch.Tensor:
-        return self.response_mask.sum(-1)
+        """``(B,)`` response lengths in the layout (injected tokens included)."""
+        return self.token_mask.sum(-1)
+
+    @property
+    def multi_turn(self) -> bool:
+        """Whether some response holds tokens the environment injected."""
+        return self.policy_mask is not None and not torch.equal(
+            self.policy_mask.bool(), self.token_mask.bool()
+        )
+
+    def decision_columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the decision states are: ``(columns (B, L + 1), valid (B, L + 1))``.
+
+        ``columns[i, k]`` is the response column of row ``i``'s ``k``-th policy token
+        (so the prefix ``response[:columns[i, k]]`` is the state the policy chose it in);
+        at ``k = T_i`` (the number of policy tokens) it is the row's full length, the
+        terminal state. ``valid`` is True for ``k <= T_i``. Single-turn: ``columns[i, k]
+        = k``. A prefix ending inside a reply is never a decision state.
+        """
+        pm = self.response_mask.bool()
+        B, L = pm.shape
+        n = pm.sum(-1)
+        cols = torch.arange(L + 1, device=pm.device).expand(B, L + 1).clone()
+        # the k-th policy column of each row: a stable sort puts policy columns first
+        key = torch.where(pm, 0, 1)
+        order = torch.sort(key, dim=1, stable=True).indices
+        k = torch.arange(L, device=pm.device).expand(B, L)
+        inside = k < n[:, None]
+        cols[:, :L] = torch.where(inside, order, cols[:, :L])
+        cols.scatter_(1, n[:, None], self.response_lengths[:, None])
+        valid = torch.arange(L + 1, device=pm.device)[None, :] <= n[:, None]
+        return cols, valid
 
     def ended_with_eos(self, eos_token_id: int) -> torch.Tensor:
         """``(B,)`` bool: the response's last token is EOS (it stopped before the cap)."""
@@ -170,6 +232,8 @@ def rollout(
     episodes are the same as without ``fork`` (same draws, same log-probs up to float
     round-off of the batched forward), only cheaper.
     """
+    if streams is not None and env.task.multi_turn and "reply_streams" not in options:
+        options = {**options, "reply_streams": stream_ids(REPLY_STREAM_KEY, rows=streams)}
     obs, _ = env.reset(options=options)
     B, P = env.num_envs, env.P
     device = env.device
@@ -185,8 +249,8 @@ def rollout(
         actions, lp, state = policy.act(obs, state, greedy=greedy, uniforms=u)
         running = ~done
         logp[rows[running], col[running]] = lp.to(device, torch.float32)[running]
-        col = col + running.long()
         obs, r, term, trunc, info = env.step(actions)
+        col = obs["attention_mask"][:, P:].sum(-1)  # the env's replies move it on too
         rewards += r
         if "token_rewards" in info:
             tr, has = info["token_rewards"], info["_token_rewards"]
@@ -197,12 +261,14 @@ def rollout(
             break
     ids, mask = obs["input_ids"], obs["attention_mask"]
     L = int(mask[:, P:].sum(-1).max())
+    policy_mask = obs["policy_mask"][:, P : P + L] if env.task.multi_turn else None
     return Rollout(
         input_ids=ids[:, : P + L],
         attention_mask=mask[:, : P + L],
         prompt_width=P,
         rewards=rewards.float(),
         sample_logp=logp[:, :L] * mask[:, P : P + L],
+        policy_mask=policy_mask,
         prompt_indices=env.prompt_index.clone(),
         group_size=int(options.get("group_size") or 1),
         token_rewards=None if token_rewards is None else token_rewards[:, :L].float(),

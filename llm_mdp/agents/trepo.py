@@ -19,11 +19,17 @@ Reconstructed choices (the paper states the idea, not these details), each an op
 3. Values between known positions are interpolated (``"linear"`` or ``"constant"``), and
    ``A_t = V_hat(s_{t+1}) - V_hat(s_t)`` (the registered ``trepo`` estimator).
 4. PPO-style clipped surrogate on ``A_t``, sum over tokens (unbiased aggregation).
+
+Multi-turn tasks: positions count the policy's tokens only. The states are decision
+states (:meth:`~llm_mdp.agents.rollout.Rollout.decision_columns`): ``s_{t+1}`` of a
+turn's EOS is the state after the environment's reply, so anchors and value-rollout
+restarts are prefixes that end inside or between turns, never inside a reply, and
+``A_t`` lands on the response column of the policy's ``t``-th token.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -98,7 +104,9 @@ class TRePO(Agent):
         batch = super().collect()
         cfg = self.config
         B, L = len(batch), batch.response_mask.shape[1]
-        lengths = batch.response_lengths.tolist()
+        n_policy = batch.response_mask.sum(-1)  # positions 1..T are the policy's tokens
+        lengths = n_policy.tolist()
+        columns = batch.decision_columns()[0].tolist()  # prefix length of each state
         responses = batch.response_ids.tolist()
         prompts = batch.prompt_indices.tolist()
         rows = self.global_rows.tolist()
@@ -114,9 +122,7 @@ class TRePO(Agent):
                 # whatever the batching or the world size
                 row_rng = np.random.default_rng([cfg.seed, self.update, rows[i]])
                 anchors[i, row_rng.choice(T, cfg.num_anchors, replace=False)] = True
-        plan = anchor_plan(
-            batch.response_lengths.cpu(), anchors, value_estimates=cfg.value_estimates
-        )
+        plan = anchor_plan(n_policy.cpu(), anchors, value_estimates=cfg.value_estimates)
         jobs = plan.jobs()  # (row, column, slot); V_hat(s_1) comes from the group below
         K = cfg.rollouts_per_prefix
         # one random stream per (global row, column, k, slot): independent of how the
@@ -131,7 +137,7 @@ class TRePO(Agent):
             self.value_envs,
             self.policy,
             [prompts[i] for i, _, _ in jobs],
-            [responses[i][:c] for i, c, _ in jobs],
+            [responses[i][: columns[i][c]] for i, c, _ in jobs],
             copies=K,
             streams=streams,
             batch_size=cfg.value_batch_size or self.default_value_batch_size,
@@ -160,4 +166,18 @@ class TRePO(Agent):
             prefix_known=batch.prefix_known,
             next_values=batch.next_values,
         )
-        return est.compute_advantages("trepo", inputs, interpolation=self.config.interpolation)
+        interpolation = self.config.interpolation
+        if not batch.multi_turn:
+            return est.compute_advantages("trepo", inputs, interpolation=interpolation)
+        # the estimator runs over decision states (right-padded: the policy's t-th token
+        # at column t - 1); its weights then go back to those tokens' response columns
+        mask = batch.response_mask
+        L = mask.shape[1]
+        columns = batch.decision_columns()[0][:, :L]
+        states = torch.arange(L, device=mask.device)[None, :] < mask.sum(-1, keepdim=True)
+        adv = est.compute_advantages(
+            "trepo", replace(inputs, mask=states.long()), interpolation=interpolation
+        )
+        out = torch.zeros((len(batch), L + 1), dtype=adv.dtype, device=adv.device)
+        out.scatter_(1, torch.where(states, columns, L), torch.where(states, adv, 0))
+        return out[:, :L]

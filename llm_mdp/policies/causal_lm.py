@@ -3,8 +3,9 @@
 Acting (``act``) is functional, like stable-baselines3's ``predict(obs, state)``: the
 returned state holds the KV cache and a snapshot of what it has consumed. On the next
 call the policy checks (one cheap elementwise comparison, one host sync) whether the new
-observation is the old one plus, on each row, either exactly the token it returned
-(a running row) or nothing (a frozen, finished row). Then it feeds only the new column;
+observation is the old one plus, on each row, the token it returned and possibly tokens
+a multi-turn env appended after it (a running row), or nothing (a frozen, finished
+row). Then it feeds only the new columns;
 otherwise (a row was reset, the batch changed, the state was already used) it prefills
 again from the observation. Results never depend on which path ran.
 
@@ -106,8 +107,10 @@ class CausalLMPolicy(TeacherForced, nn.Module):
     Attributes:
         model, tokenizer, temperature, vocab_size, device, action_mask.
         positions_encoded: positions run through full prefills by ``act`` so far
-            (padding included: it is computed); ``positions_decoded``: rows run through
-            one-token incremental steps. Cost accounting for benchmarks.
+            (padding included: it is computed); ``positions_decoded``: positions run
+            through incremental steps (one per row on a plain step; a multi-turn env's
+            reply adds its length, padded to the longest in the batch). Cost
+            accounting for benchmarks.
     """
 
     model: Any  # a transformers PreTrainedModel (or a wrapper such as a PEFT model)
@@ -147,7 +150,7 @@ class CausalLMPolicy(TeacherForced, nn.Module):
         self._seed = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         self._generator: torch.Generator | None = None
         self.positions_encoded = 0  # acting: positions through full prefills (padding too)
-        self.positions_decoded = 0  # acting: rows through incremental one-token steps
+        self.positions_decoded = 0  # acting: positions through incremental steps
         self._illegal: torch.Tensor | None = None
         if tokenizer is not None and hasattr(tokenizer, "all_special_ids"):
             from llm_mdp.tasks.base import illegal_action_ids
@@ -410,44 +413,56 @@ class CausalLMPolicy(TeacherForced, nn.Module):
         )
 
     def _extend(self, st: KVState, ids: torch.Tensor, mask: torch.Tensor) -> KVState | None:
-        """Incremental step, or None when the observation is not a one-token extension."""
+        """Incremental step, or None when the observation is not an extension of the
+        consumed one.
+
+        An extension: every row grew by ``n_i >= 0`` tokens right after its last one, the
+        first being the action this state returned (``n_i = 1`` on a plain step; more when
+        a multi-turn env appended its reply in the same step; 0 on a frozen row) and
+        nothing else changed. The ragged new tokens run through one forward on top of
+        the cache, right-aligned in a block of ``max n_i`` columns (padding before them
+        has mask 0, so the cache keeps a hole there that no query attends to; positions
+        continue from each row's cache length), so the cache carries on across the
+        environment's tokens instead of re-encoding the row.
+        """
         batch, width = ids.shape
-        rows = torch.arange(batch, device=ids.device)
         lengths = mask.sum(1)
-        grew = lengths == st.lengths + 1
-        same = lengths == st.lengths
-        col = st.end.clamp(max=width - 1)
-        exp_mask = st.obs_mask.clone()
-        exp_mask[rows, col] = torch.where(grew, 1, exp_mask[rows, col])
-        exp_ids = st.obs_ids.clone()
-        exp_ids[rows, col] = torch.where(grew, st.actions, exp_ids[rows, col])
+        n = lengths - st.lengths
+        cols = torch.arange(width, device=ids.device)[None, :]
+        grown = (cols >= st.end[:, None]) & (cols < (st.end + n)[:, None])
         masked_ids = ids.masked_fill(mask == 0, 0)
+        first = masked_ids.gather(1, st.end.clamp(max=width - 1)[:, None]).squeeze(1)
         ok = (
-            (grew | same).all()
-            & (~grew | (st.end < width)).all()
-            & (mask == exp_mask).all()
-            & (masked_ids == exp_ids).all()
+            (n >= 0).all()
+            & (st.end + n <= width).all()
+            & (mask == (st.obs_mask | grown.long())).all()
+            & ((masked_ids == st.obs_ids) | grown).all()
+            & ((n == 0) | (first == st.actions)).all()
         )
-        ok_, any_grew, all_grew = torch.stack([ok, grew.any(), grew.all()]).tolist()
+        ok_, m, all_grew = torch.stack([ok.long(), n.max(), (n > 0).all().long()]).tolist()
         if not ok_:
             return None
-        if not any_grew:  # nothing new: every row is frozen
+        if m == 0:  # nothing new: every row is frozen
             return replace(st, steps=st.steps + 1, spent=False)
-        new_tok = torch.where(grew, masked_ids[rows, col], 0).unsqueeze(1)
-        c_mask = torch.cat([st.attention_mask, grew.long().unsqueeze(1)], dim=1)
-        pos = st.lengths.unsqueeze(1)
-        self.positions_decoded += batch
+        # block column q holds the row's new token j = q - (m - n_i) when j >= 0
+        j = torch.arange(m, device=ids.device)[None, :] - (m - n)[:, None]
+        real = j >= 0
+        src = (st.end[:, None] + j).clamp(0, width - 1)
+        new_tok = torch.where(real, masked_ids.gather(1, src), 0)
+        pos = st.lengths[:, None] + j.clamp(min=0)  # padding: any position, masked
+        c_mask = torch.cat([st.attention_mask, real.long()], dim=1)
+        self.positions_decoded += batch * m
         logits, cache = self._forward(new_tok, c_mask, pos, keep=1, cache=st.cache, use_cache=True)
         last = logits[:, -1].float()
         return KVState(
             cache=cache,
             attention_mask=c_mask,
             lengths=lengths,
-            end=st.end + grew.long(),
+            end=st.end + n,
             obs_ids=masked_ids,
             obs_mask=mask.clone(),
             actions=st.actions,
-            logits=last if all_grew else torch.where(grew.unsqueeze(1), last, st.logits),
+            logits=last if all_grew else torch.where((n > 0).unsqueeze(1), last, st.logits),
             prefills=st.prefills,
             steps=st.steps + 1,
         )
