@@ -2,9 +2,14 @@
 
 For each prompt, one sampled response ``W`` and one greedy response ``W_greedy`` (the
 policy in greedy mode through the same env); the weight is ``RM(W) - RM(W_greedy)``.
-The greedy reward depends on the prompt only, so the estimate stays unbiased. On a
-multi-turn task with random replies the greedy rollout draws the environment's replies
-from streams of its own, independent of the sample's.
+The greedy reward depends on the prompt only, so the estimate stays unbiased.
+
+Multi-turn tasks with random replies: the greedy response meets the same environment
+as the sample (common random numbers: the same reply streams, so at the same column the
+same reply). The baseline then depends on the environment's randomness, never on the
+sample's actions, and the estimate stays unbiased: given the state ``s_t``, an action
+is drawn independently of the reply draws, so ``E[b * grad log pi(w_t | s_t)] = 0``.
+It varies less than with independent replies, as it answers the same hints.
 """
 
 from __future__ import annotations
@@ -16,8 +21,6 @@ import torch
 from llm_mdp import estimators as est
 from llm_mdp.agents.base import STREAM_MAIN, Agent, AgentConfig
 from llm_mdp.agents.rollout import Rollout, rollout
-
-STREAM_GREEDY = 2  # stream kind of the greedy rollout (only its env replies draw from it)
 
 
 @dataclass
@@ -32,10 +35,10 @@ class ReMax(Agent):
     def collect(self) -> Rollout:
         G = self.config.group_size
         options = {"prompt_indices": self.sample_prompts(self.env.num_envs // G), "group_size": G}
-        batch = rollout(self.env, self.policy, options, streams=self.streams(STREAM_MAIN))
-        greedy = rollout(
-            self.env, self.policy, options, greedy=True, streams=self.streams(STREAM_GREEDY)
-        )
+        streams = self.streams(STREAM_MAIN)
+        batch = rollout(self.env, self.policy, options, streams=streams)
+        # greedy ignores the token draws; the streams give it the sample's env replies
+        greedy = rollout(self.env, self.policy, options, greedy=True, streams=streams)
         batch.baseline = greedy.rewards
         return batch
 
