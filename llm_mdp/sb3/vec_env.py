@@ -58,11 +58,14 @@ class LLMVecEnv(VecEnv):
             ``info_text=False`` (no text is decoded on any step).
 
     Step contract (SB3's): ``step(actions)`` takes ``(B,)`` token ids and returns
-    ``obs`` (``{"input_ids": (B, W) int64, "attention_mask": (B, W) int64}``), ``rewards``
-    ``(B,)`` float32, ``dones`` ``(B,)`` bool (terminated or truncated) and a list of
-    ``B`` info dicts. Each info has ``"TimeLimit.truncated"`` (True only when the length
-    cap ended the episode *and* the env was built with ``length_cap="truncated"``; with
-    the default ``"terminated"`` the cap is part of the task and SB3 does not bootstrap).
+    ``obs`` (``{"input_ids", "attention_mask", "policy_mask"}``, each ``(B, W)``
+    int64), ``rewards`` ``(B,)`` float32, ``dones`` ``(B,)`` bool (terminated or
+    truncated) and a list of ``B`` info dicts. Each info has ``"TimeLimit.truncated"``
+    (True only when the length cap ended the episode *and* the env was built with
+    ``length_cap="truncated"``; with the default ``"terminated"`` the cap is part of the
+    task and SB3 does not bootstrap).
+    Multi-turn tasks work unchanged: an SB3 step is one action, and the environment's
+    reply to a finished turn is appended inside that step (``policy_mask`` 0 there).
     A finished env's info also has ``"terminal_observation"`` (its last observation, a
     dict of ``(W,)`` arrays) and, for tasks with true token rewards, ``"token_rewards"``
     (``(R,)``, zero after the response, as :class:`~llm_mdp.envs.LLMTokenEnv` reports
