@@ -266,3 +266,21 @@ def test_kv_cache_carries_over_injected_tokens(make: Any) -> None:
     mask = ro.response_mask
     assert (ro.sample_logp * (1 - mask)).abs().max() == 0  # no log-prob on env tokens
     assert (forced * mask - ro.sample_logp).abs().max() < 1e-5
+
+
+def test_multi_turn_episode_depends_only_on_its_stream() -> None:
+    """Token draws and random replies both come from the row's stream: the same episodes
+    in a batch of 8 and, reordered, in a batch of 4."""
+    task = echo_task()
+    policy = CausalLMPolicy(tiny_gpt2(3, seed=2, init_std=0.5), task.tokenizer, seed=0)
+    streams = stream_ids(11, rows=torch.arange(8))
+    big = rollout(LLMTokenVectorEnv(task, 8), policy, {"prompt_indices": [0] * 8}, streams=streams)
+    pick = torch.tensor([6, 1, 3, 4])
+    small = rollout(
+        LLMTokenVectorEnv(task, 4), policy, {"prompt_indices": [0] * 4}, streams=streams[pick]
+    )
+    L = small.response_ids.shape[1]
+    assert torch.equal(big.response_ids[pick, :L], small.response_ids)
+    assert torch.equal(big.response_mask[pick, :L], small.response_mask)
+    assert torch.allclose(big.sample_logp[pick, :L], small.sample_logp, atol=1e-6)
+    assert big.multi_turn and torch.equal(big.rewards[pick], small.rewards)
