@@ -284,3 +284,19 @@ def test_multi_turn_episode_depends_only_on_its_stream() -> None:
     assert torch.equal(big.response_mask[pick, :L], small.response_mask)
     assert torch.allclose(big.sample_logp[pick, :L], small.sample_logp, atol=1e-6)
     assert big.multi_turn and torch.equal(big.rewards[pick], small.rewards)
+
+
+def test_a_cache_full_of_holes_is_compacted_by_a_prefill() -> None:
+    """Replies of different rows widen every row's cache; past the cap ``act`` prefills
+    again (compacting it), with the same log-probs."""
+    task = _tool_task(reply_len=5, max_response_tokens=24, max_turns=4)
+    env = LLMTokenVectorEnv(task, 6)
+    policy = CausalLMPolicy(tiny_gpt2(env.vocab_size, seed=1, init_std=0.5), env.tokenizer)
+    policy.MAX_CACHE_WIDTH_FACTOR = 1
+    ro = rollout(
+        env, policy, {"prompt_indices": [0] * 6}, streams=stream_ids(2, rows=torch.arange(6))
+    )
+    assert policy.positions_encoded > 6 * env.P  # it prefilled again
+    with torch.no_grad():
+        forced = policy.log_probs(ro.input_ids, ro.attention_mask, ro.prompt_width)
+    assert (forced * ro.response_mask - ro.sample_logp).abs().max() < 1e-5

@@ -118,6 +118,10 @@ class CausalLMPolicy(TeacherForced, nn.Module):
     CHUNKED_HEAD_MIN_ELEMENTS = 1 << 23
     """With ``chunked_head=None``, ``log_probs`` chunks the head above this many logits."""
 
+    MAX_CACHE_WIDTH_FACTOR = 2
+    """``act`` re-prefills when the KV cache would be wider than this many observation
+    widths (multi-turn replies of different lengths leave masked holes in it)."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -423,7 +427,10 @@ class CausalLMPolicy(TeacherForced, nn.Module):
         the cache, right-aligned in a block of ``max n_i`` columns (padding before them
         has mask 0, so the cache keeps a hole there that no query attends to; positions
         continue from each row's cache length), so the cache carries on across the
-        environment's tokens instead of re-encoding the row.
+        environment's tokens instead of re-encoding the row. Each such step widens every
+        row's cache by ``max n_i``; once the cache would be wider than
+        ``MAX_CACHE_WIDTH_FACTOR`` observation widths (so at least half holes), ``act``
+        prefills instead, which compacts it. A single-turn episode never gets there.
         """
         batch, width = ids.shape
         lengths = mask.sum(1)
@@ -444,6 +451,8 @@ class CausalLMPolicy(TeacherForced, nn.Module):
             return None
         if m == 0:  # nothing new: every row is frozen
             return replace(st, steps=st.steps + 1, spent=False)
+        if st.attention_mask.shape[1] + m > self.MAX_CACHE_WIDTH_FACTOR * width:
+            return None  # mostly holes: one prefill compacts the cache again
         # block column q holds the row's new token j = q - (m - n_i) when j >= 0
         j = torch.arange(m, device=ids.device)[None, :] - (m - n)[:, None]
         real = j >= 0
