@@ -114,6 +114,15 @@ def test_trepo_restarts_at_decision_states(monkeypatch: pytest.MonkeyPatch) -> N
     assert adv[injected(batch)].abs().max() == 0
 
 
+def test_evaluate_meets_the_same_replies_every_time() -> None:
+    agent = make_agent("reinforce", num_envs=8)
+    episodes = [0] * 40  # 5 env batches
+    a = agent.evaluate(episodes, greedy=False)
+    agent.env.reset(seed=123)  # the env's own generator plays no part
+    assert agent.evaluate(episodes, greedy=False) == a
+    assert 0.0 < a < 1.0
+
+
 def _greedy_echoes(agent: Agent) -> bool:
     """The greedy policy ends turn 1 at once and then copies either hint."""
     env, task = agent.env, agent.env.task

@@ -56,6 +56,7 @@ from llm_mdp.policies.base import match_action_set
 from llm_mdp.validation import Range, check_type
 
 STREAM_MAIN, STREAM_VALUE = 0, 1  # kinds of random streams (see Agent.streams)
+STREAM_EVAL = 3  # evaluation on multi-turn tasks (see Agent.evaluate)
 
 
 class TrainingError(RuntimeError):
@@ -510,13 +511,23 @@ class Agent:
 
     @torch.no_grad()
     def evaluate(self, prompt_indices: list[int] | None = None, *, greedy: bool = True) -> float:
-        """Mean reward over env batches covering ``prompt_indices`` (default: the pool)."""
+        """Mean reward over env batches covering ``prompt_indices`` (default: the pool).
+
+        On a multi-turn task the draws (the environment's random replies, and the tokens
+        unless ``greedy``) come from streams keyed by the seed and the prompt's position
+        in the list: every evaluation meets the same replies, reproducibly."""
         from llm_mdp.agents.rollout import rollout_many
 
         idx = list(range(len(self.env.task.prompts))) if prompt_indices is None else prompt_indices
         state = self.policy.generator.get_state() if hasattr(self.policy, "generator") else None
+        streams = None
+        if self.env.task.multi_turn:
+            rows = torch.arange(len(idx), device=self.env.device)
+            streams = stream_ids(self.config.seed, STREAM_EVAL, rows=rows)
         with fsdp.gathered(self.policy):  # collective under FSDP: every rank evaluates
-            rewards = rollout_many(self.env, self.policy, idx, [[] for _ in idx], greedy=greedy)
+            rewards = rollout_many(
+                self.env, self.policy, idx, [[] for _ in idx], greedy=greedy, streams=streams
+            )
         if state is not None:  # evaluation does not perturb the training run
             self.policy.generator.set_state(state)  # type: ignore[attr-defined]
         return float(rewards.mean())
