@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llm_mdp.tasks.turns import ReplyOutcomes, Turn, TurnError, normalize_reply
+from llm_mdp.tasks.turns import ReplyOutcomes, TurnError, reply_after
 
 if TYPE_CHECKING:
     from llm_mdp.envs.vector_env import LLMTokenVectorEnv
@@ -92,23 +92,23 @@ def answer_turns(env: LLMTokenVectorEnv, at_eos: torch.Tensor) -> torch.Tensor:
     mask = env.mask[idx].tolist()
     flags = env.policy_flags[idx].tolist()
     pindex = env.prompt_index[idx].tolist()
-    asking = [
-        k
-        for k, (n, t) in enumerate(zip(lengths, turns, strict=True))
-        if n < R and (task.max_turns is None or t < task.max_turns)
-    ]
     replies: list[tuple[int, ReplyOutcomes]] = []
-    for k in asking:
-        n = lengths[k]
-        turn = Turn(
-            prompt_index=pindex[k],
-            prompt_ids=tuple(t for t, m in zip(ids[k][:P], mask[k][:P], strict=True) if m),
-            response_ids=tuple(ids[k][P : P + n]),
-            policy_mask=tuple(bool(f) for f in flags[k][P : P + n]),
-            turn=turns[k],
-            tokenizer=env.tokenizer,
-        )
-        out = normalize_reply(task.reply_fn(turn), where=f"task {task.name!r}: reply_fn")
+    for k, n in enumerate(lengths):
+        if n >= R:  # the EOS filled the last slot: no room for a reply
+            continue
+        try:
+            out = reply_after(
+                task.reply_fn,
+                prompt_index=pindex[k],
+                prompt_ids=[t for t, m in zip(ids[k][:P], mask[k][:P], strict=True) if m],
+                response_ids=ids[k][P : P + n],
+                policy_mask=flags[k][P : P + n],
+                turns=turns[k],
+                tokenizer=env.tokenizer,
+                max_turns=task.max_turns,
+            )
+        except TurnError as exc:
+            raise TurnError(f"task {task.name!r}, row {rows[k]}: {exc}") from exc
         if out is not None:
             replies.append((k, out))
     if not replies:
