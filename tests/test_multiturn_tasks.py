@@ -11,6 +11,7 @@ import pickle
 import random
 
 import pytest
+from episodes import batch, prompt_ids, text_policy, uniform_policy, walk
 
 from llm_mdp.tasks import Turn, make_task
 from llm_mdp.tasks.multiturn import (
@@ -18,7 +19,6 @@ from llm_mdp.tasks.multiturn import (
     guess_number_optimum,
     guess_number_random_reward,
 )
-from tests.episodes import batch, prompt_ids, text_policy, uniform_policy, walk
 
 
 def _binary_search(index: int, text: str) -> str:

@@ -80,8 +80,8 @@ def reasoning_gym_task(
         dataset: a name from ``reasoning_gym.factory.DATASETS`` (e.g. ``"chain_sum"``).
         size, seed: how many questions to generate, and the generator's seed.
         max_response_tokens: default: the longest reference answer plus EOS.
-        tokenizer: default: one character per symbol of the questions and answers, so a
-            tiny model can play; pass a pretrained model's tokenizer otherwise.
+        tokenizer: default: one character per symbol of the questions and answers (and
+            every digit), so a tiny model can play; else a pretrained model's tokenizer.
         config: the dataset's own options (e.g. ``min_terms=2, max_terms=2``).
 
     ``optimal_reward`` is the mean score of the reference answers (1.0 for the usual
@@ -91,7 +91,8 @@ def reasoning_gym_task(
     entries = list(ds)
     questions = [str(e["question"]) for e in entries]
     answers = [str(e["answer"]) for e in entries]
-    tok = tokenizer or char_tokenizer("".join(sorted(set("".join(questions + answers)))))
+    symbols = set("".join(questions + answers)) | set(string.digits)
+    tok = tokenizer or char_tokenizer("".join(sorted(symbols)))
     answer_len = max(len(tok.encode(a, add_special_tokens=False)) for a in answers) + 1
     reward = ReasoningGymScore(dataset, size, seed, dict(config))
     optimum = sum(float(ds.score_answer(a, e)) for a, e in zip(answers, entries, strict=True))
@@ -120,7 +121,9 @@ def _reasoning_gym_dataset(name: str, size: int, seed: int, config: dict[str, An
 
 class ReasoningGymScore:
     """``RM(W)`` of a reasoning-gym task: ``score_answer(response, entry)`` of the prompt's
-    entry. Pickles as its arguments; the dataset is regenerated on first use."""
+    entry; 0 where the scorer raises (some do on an answer they cannot parse, e.g.
+    ``prime_factorization`` on letters). Pickles as its arguments; the dataset is
+    regenerated on first use."""
 
     def __init__(self, dataset: str, size: int, seed: int, config: dict[str, Any]) -> None:
         self.dataset, self.size, self.seed, self.config = dataset, size, seed, config
@@ -157,7 +160,11 @@ class ReasoningGymScore:
         out = []
         for i, response in enumerate(batch.responses):
             entry = self._entry(int(indices[i]), batch.prompts[i])
-            out.append(float(self._ds.score_answer(response, entry)))
+            try:
+                score = float(self._ds.score_answer(response, entry))
+            except Exception:  # some scorers raise on an answer they cannot parse
+                score = 0.0
+            out.append(score)
         return out
 
 
@@ -194,6 +201,7 @@ class TextEnvGame:
         seeds: the seed of each prompt of the pool.
         tokenizer: encodes the env's replies.
         max_turns: the task's turn cap (the reward steps the last turn itself).
+        reply_template: how a reply is written into the conversation (``{}``: the reply).
         max_cached: outcomes kept; ``max_live``: live envs kept.
     """
 
@@ -201,6 +209,7 @@ class TextEnvGame:
     seeds: Sequence[int]
     tokenizer: PreTrainedTokenizerBase
     max_turns: int | None = None
+    reply_template: str = "\n{}\n"
     max_cached: int = 100_000
     max_live: int = 256
     _outcomes: OrderedDict[tuple[int, tuple[str, ...]], _Outcome] = field(
@@ -259,7 +268,7 @@ class TextEnvGame:
         out = self.outcome(turn.prompt_index, self._history(turn.response_ids, turn.policy_mask))
         if out.done:
             return None
-        ids = encode_text(self.tokenizer, out.reply)
+        ids = encode_text(self.tokenizer, self.reply_template.format(out.reply))
         if not ids:
             raise ValueError(f"the env replied {out.reply!r}, which has no token to append")
         return ids
@@ -292,6 +301,7 @@ def text_env_task(
     tokenizer: PreTrainedTokenizerBase | None = None,
     max_turns: int | None = None,
     max_response_tokens: int = 64,
+    reply_template: str = "\n{}\n",
     description: str = "",
 ) -> Task:
     """Any text environment as a multi-turn task.
@@ -300,11 +310,12 @@ def text_env_task(
     tokenizer lacks dropped); every policy turn (the text up to its EOS) is one
     ``step``; the reply is appended as non-action tokens until the env says ``done``
     or ``max_turns`` turns are played. ``RM(W)`` is the sum of the step rewards, so the
-    reward comes at the end (arXiv 2506.02553 eq. (4)). Default tokenizer: characters of
-    printable ASCII (:data:`TEXT_ALPHABET`).
+    reward comes at the end (arXiv 2506.02553 eq. (4)). Replies are written as
+    ``reply_template.format(reply)`` (on a line of their own by default). Default
+    tokenizer: characters of printable ASCII and newline (:data:`TEXT_ALPHABET`).
     """
     tok = tokenizer or char_tokenizer(TEXT_ALPHABET)
-    game = TextEnvGame(make_env, list(seeds), tok, max_turns)
+    game = TextEnvGame(make_env, list(seeds), tok, max_turns, reply_template)
     prompts = [
         str(tok.decode(encode_text(tok, game.first_observation(i)))) for i in range(len(seeds))
     ]
