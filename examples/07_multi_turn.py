@@ -6,8 +6,9 @@ Two tasks, one tiny GPT-2 each, trained by RLOO (or ``--agent``):
   ``>`` (tokens that are not actions) until the guess is right. Binary search is optimal
   (expected reward 19/32 = 0.594, against 0.071 for the uniform policy); the script
   prints the learned greedy game for every hidden number.
-* ``rg:chain_sum`` (``pip install 'llm-mdp[reasoning-gym]'``): reasoning-gym's sums of
-  two one-digit numbers, scored by reasoning-gym's own ``score_answer``.
+* ``rg:spell_backward`` (``pip install 'llm-mdp[reasoning-gym]'``): reasoning-gym's
+  "spell this word backward" on 64 three-letter words, scored by reasoning-gym's own
+  ``score_answer`` (per-letter credit).
 
 It prints the reward curves (mean reward per tenth of the run) and writes one PNG per
 task into the folder ``--out``. Default: about two minutes on one core.
@@ -38,14 +39,7 @@ from llm_mdp.tasks import Task, make_task
 
 TASKS: dict[str, dict[str, Any]] = {
     "guess_number": {},
-    "rg:chain_sum": {
-        "size": 64,
-        "seed": 0,
-        "min_terms": 2,
-        "max_terms": 2,
-        "min_digits": 1,
-        "max_digits": 1,
-    },
+    "rg:spell_backward": {"size": 64, "seed": 0, "min_word_len": 3, "max_word_len": 3},
 }
 GROUP_AGENTS = ("rloo", "grpo", "trepo")  # need several responses per prompt
 
