@@ -168,3 +168,18 @@ def test_textarena_guess_the_number_episode() -> None:
     assert 1 <= len(turns) <= 5  # binary search over 1..20
     injected = [t for t, m in zip(ep.response_ids, ep.policy_mask, strict=True) if not m]
     assert task.tokenizer.decode(injected).count("[GAME] The target number is") == len(turns) - 1
+
+
+def test_cli_task_names_reach_the_families() -> None:
+    from llm_mdp.cli.build import check_task_args
+    from llm_mdp.cli.catalogue import catalogue
+    from llm_mdp.cli.options import CLIError
+
+    args = {"size": 8, "min_terms": 2}  # a factory argument and a dataset option
+    assert check_task_args("rg:chain_sum", args) == args
+    assert check_task_args("guess_number", {"num_values": 4}) == {"num_values": 4}
+    with pytest.raises(CLIError, match=r"task families: gem:<name>, rg:<name>, ta:<name>"):
+        check_task_args("nope", {})
+    listing = catalogue()
+    for line in ("guess_number", "calculator", "rg:<name>", "gem:<name>", "ta:<name>"):
+        assert line in listing

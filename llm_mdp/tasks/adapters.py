@@ -213,10 +213,10 @@ class TextEnvGame:
     max_cached: int = 100_000
     max_live: int = 256
     _outcomes: OrderedDict[tuple[int, tuple[str, ...]], _Outcome] = field(
-        default_factory=OrderedDict, repr=False
+        default_factory=OrderedDict, init=False, repr=False
     )
     _live: OrderedDict[tuple[int, tuple[str, ...]], TextEnv] = field(
-        default_factory=OrderedDict, repr=False
+        default_factory=OrderedDict, init=False, repr=False
     )
 
     def __getstate__(self) -> dict[str, Any]:
