@@ -1,6 +1,6 @@
 """Multi-turn training: the environment talks back, the reward comes at the end.
 
-Two tasks, one tiny GPT-2 each, trained by RLOO (or ``--agent``):
+Two tasks, one tiny GPT-2 each, trained by GRPO with groups of 8 (or ``--agent``):
 
 * ``guess_number``: a hidden number in 0..7; after each guess the env appends ``<`` or
   ``>`` (tokens that are not actions) until the guess is right. Binary search is optimal
@@ -47,17 +47,17 @@ GROUP_AGENTS = ("rloo", "grpo", "trepo")  # need several responses per prompt
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
-    parser.add_argument("--agent", default="rloo", choices=sorted(AGENTS))
-    parser.add_argument("--updates", type=int, default=300, help="updates per task")
+    parser.add_argument("--agent", default="grpo", choices=sorted(AGENTS))
+    parser.add_argument("--updates", type=int, default=400, help="updates per task")
     parser.add_argument("--num-envs", type=int, default=32, help="episodes per update")
-    parser.add_argument("--group-size", type=int, default=4, help="G of rloo, grpo, trepo")
+    parser.add_argument("--group-size", type=int, default=8, help="G of rloo, grpo, trepo")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/07_multi_turn"), help="PNG folder")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 updates, 8 envs")
     args = parser.parse_args()
     if args.quick:
-        args.updates, args.num_envs = 3, 8
+        args.updates, args.num_envs, args.group_size = 3, 8, 4
     torch.set_num_threads(1)  # tiny models: one thread is fastest
     args.out.mkdir(parents=True, exist_ok=True)
 
