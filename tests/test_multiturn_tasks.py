@@ -11,8 +11,10 @@ import pickle
 import random
 
 import pytest
+import torch
 from episodes import batch, prompt_ids, text_policy, uniform_policy, walk
 
+from llm_mdp.envs import LLMTokenVectorEnv
 from llm_mdp.tasks import Turn, make_task
 from llm_mdp.tasks.multiturn import (
     evaluate_expression,
@@ -214,3 +216,64 @@ def test_multiturn_tasks_pickle_and_register_env_ids() -> None:
         ep = walk(task, 3, text_policy(task, lambda j, t: "3"))
         assert walk(again, 3, text_policy(again, lambda j, t: "3")).reward == ep.reward
         assert env_id in gym.registry
+
+
+def _env_is_multi_turn() -> bool:
+    env = LLMTokenVectorEnv(make_task("guess_number"), 1)
+    return "policy_mask" in env.single_observation_space.spaces  # type: ignore[attr-defined]
+
+
+needs_multi_turn_env = pytest.mark.skipif(
+    not _env_is_multi_turn(), reason="this env does not run multi-turn episodes yet"
+)
+
+
+@needs_multi_turn_env
+def test_guess_number_in_the_env_binary_search_scores_the_optimum() -> None:
+    task = make_task("guess_number")
+    tok = task.tokenizer
+    env = LLMTokenVectorEnv(task, 8)
+    obs, _ = env.reset(seed=0, options={"prompt_indices": list(range(8))})
+    P, eos = env.P, env.eos_token_id
+    rewards = torch.zeros(8, dtype=torch.float64)
+    done = torch.zeros(8, dtype=torch.bool)
+    while not done.all():
+        actions = []
+        for row in range(8):
+            ids = obs["input_ids"][row, P:][obs["attention_mask"][row, P:].bool()].tolist()
+            mine = obs["policy_mask"][row, P:].tolist()[: len(ids)]
+            if ids and mine[-1] and ids[-1] != eos:  # the guess is written: end the turn
+                actions.append(eos)
+            else:  # the episode starts or the env just replied: guess
+                guess = _binary_search(row, tok.decode(ids, skip_special_tokens=True))
+                actions.append(tok.convert_tokens_to_ids(guess))
+        obs, r, term, trunc, _ = env.step(torch.tensor(actions))
+        new = (term | trunc) & ~done
+        rewards[new] = r[new].double()
+        done |= term | trunc
+    # binary search over 0..7 guesses 3 first: hidden numbers 3 | 1, 5 | 0, 2, 4, 6 | 7
+    found_at = {3: 1, 1: 2, 5: 2, 0: 3, 2: 3, 4: 3, 6: 3, 7: 4}
+    assert rewards.tolist() == [1 - (found_at[s] - 1) / 4 for s in range(8)]
+    assert float(rewards.mean()) == pytest.approx(task.optimal_reward)
+    # the env's replies are not actions: policy_mask is 0 exactly on '<' / '>' tokens
+    row7 = obs["input_ids"][7, P:][obs["attention_mask"][7, P:].bool()].tolist()
+    mask7 = obs["policy_mask"][7, P:][: len(row7)].tolist()
+    replies = {tok.convert_tokens_to_ids(c) for c in "<>"}
+    assert mask7 == [0 if t in replies else 1 for t in row7]
+    assert tok.decode(row7, skip_special_tokens=True) == "3>5>6>7"
+
+
+@needs_multi_turn_env
+def test_calculator_in_the_env_tool_value_is_injected() -> None:
+    task = make_task("calculator")
+    tok = task.tokenizer
+    env = LLMTokenVectorEnv(task, 1)
+    i = task.prompts.index("37*8=")
+    obs, _ = env.reset(seed=0, options={"prompt_indices": [i]})
+    script = [*tok.encode("[37*8]", add_special_tokens=False), tok.eos_token_id]
+    script += [*tok.encode("296", add_special_tokens=False), tok.eos_token_id]
+    for a in script:
+        obs, r, term, trunc, _ = env.step(torch.tensor([a]))
+    assert bool(term[0]) and float(r[0]) == 1.0
+    P = env.P
+    assert obs["policy_mask"][0, P:].tolist()[:14] == [1] * 7 + [0] * 3 + [1] * 4
