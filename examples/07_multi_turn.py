@@ -7,11 +7,11 @@ Two tasks, one tiny GPT-2 each, trained by GRPO with groups of 8 (or ``--agent``
   (expected reward 19/32 = 0.594, against 0.071 for the uniform policy); the script
   prints the learned greedy game for every hidden number.
 * ``rg:spell_backward`` (``pip install 'llm-mdp[reasoning-gym]'``): reasoning-gym's
-  "spell this word backward" on 64 three-letter words, scored by reasoning-gym's own
+  "spell this word backward" on 16 three-letter words, scored by reasoning-gym's own
   ``score_answer`` (per-letter credit).
 
 It prints the reward curves (mean reward per tenth of the run) and writes one PNG per
-task into the folder ``--out``. Default: about two minutes on one core.
+task into the folder ``--out``. Default: about ten minutes on two shared cores.
 
     python examples/07_multi_turn.py                      # both tasks
     python examples/07_multi_turn.py --quick              # smoke run: 3 updates
@@ -39,7 +39,7 @@ from llm_mdp.tasks import Task, make_task
 
 TASKS: dict[str, dict[str, Any]] = {
     "guess_number": {},
-    "rg:spell_backward": {"size": 64, "seed": 0, "min_word_len": 3, "max_word_len": 3},
+    "rg:spell_backward": {"size": 16, "seed": 0, "min_word_len": 3, "max_word_len": 3},
 }
 GROUP_AGENTS = ("rloo", "grpo", "trepo")  # need several responses per prompt
 
