@@ -81,6 +81,16 @@ def _task_of(vec: Any) -> Task:
     return make_task(vec.spec.kwargs["task"], **vec.spec.kwargs.get("task_kwargs", {}))
 
 
+def _prompt_indices(vec: Any) -> torch.Tensor:
+    """Each row's index into the prompt pool (guess_number's reward depends on it, not
+    only on the prompt text); -1 where the vector env does not expose it (async)."""
+    if isinstance(vec, LLMTokenVectorEnv):
+        return torch.as_tensor(vec.prompt_index).cpu()
+    if hasattr(vec, "envs"):
+        return torch.tensor([int(e.unwrapped._vec.prompt_index[0]) for e in vec.envs])
+    return torch.full((vec.num_envs,), -1)
+
+
 def _random_episodes(vec: Any, steps: int, P: int, seed: int = 0) -> tuple[int, list[Any]]:
     """Step ``vec`` (NEXT_STEP autoreset, NumPy) with random actions; check on every step
     that a row that ends is paid the task's reward of its final observation and nothing
@@ -104,7 +114,7 @@ def _random_episodes(vec: Any, steps: int, P: int, seed: int = 0) -> tuple[int, 
                 prompt_mask=mask[rows, :P],
                 response_ids=ids[rows, P:],
                 response_mask=mask[rows, P:],
-                prompt_indices=torch.full((len(rows),), -1),
+                prompt_indices=_prompt_indices(vec)[rows],
                 tokenizer=task.tokenizer,
             )
             np.testing.assert_allclose(reward[ended], task.score(batch).numpy(), rtol=0, atol=1e-6)

@@ -35,14 +35,15 @@ def check_device(spec: str) -> None:
 
 def check_task_args(task: str, args: dict[str, Any]) -> dict[str, Any]:
     """``args`` against the task factory's signature: known names, annotated types."""
-    from llm_mdp.tasks import TASKS
+    from llm_mdp.tasks import task_factory
     from llm_mdp.validation import check_type, resolved_hints
 
-    if task not in TASKS:
-        raise CLIError(f"unknown task {task!r}; known tasks: {', '.join(sorted(TASKS))}")
-    factory = TASKS[task]
+    try:
+        factory = task_factory(task)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
     params = inspect.signature(factory).parameters
-    hints = resolved_hints(factory)
+    hints = resolved_hints(getattr(factory, "func", factory))
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     out = {}
     for key, value in args.items():

@@ -25,7 +25,7 @@ WIDTH = 100
 def catalogue() -> str:
     """Tasks with their factory arguments, agents, and every agent config field."""
     from llm_mdp.agents import AGENTS, AgentConfig
-    from llm_mdp.tasks import TASKS
+    from llm_mdp.tasks import TASK_FAMILIES, TASKS
 
     lines = ["tasks (--task NAME; factory arguments with --task-arg NAME=VALUE):"]
     for name, factory in sorted(TASKS.items()):
@@ -37,6 +37,10 @@ def catalogue() -> str:
             if p.name != "tokenizer" and p.default is not inspect.Parameter.empty
         ]
         lines += _wrap(", ".join(params), 18)
+    lines.append("\ntask families (--task PREFIX:NAME; the package is an optional extra):")
+    for prefix, family in sorted(TASK_FAMILIES.items()):
+        doc = (inspect.getdoc(family) or "").splitlines()
+        lines.append(f"  {prefix + ':<name>':<15} {doc[0] if doc else ''}")
     lines.append("\nagents (--agent NAME):")
     for name, cls in AGENTS.items():
         doc = (inspect.getdoc(sys.modules[cls.__module__]) or "").splitlines()

@@ -39,6 +39,8 @@ BUILTIN_TASKS: tuple[str, ...] = (
     "arithmetic",
     "hidden_rewards",
     "chat_keyword",
+    "guess_number",
+    "calculator",
 )
 """Names of the built-in tasks (``llm_mdp.tasks.TASKS`` before any user registration);
 listed here so that ``import llm_mdp`` registers their ids without building a task."""

@@ -23,6 +23,7 @@ and an env holding one, pickles: ``SubprocVecEnv``/``AsyncVectorEnv`` workers an
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 from collections.abc import Callable
@@ -315,17 +316,41 @@ TASKS: dict[str, Callable[..., Task]] = {
 }
 
 
+TASK_FAMILIES: dict[str, Callable[..., Task]] = {}
+"""Task families by prefix: ``make_task("rg:chain_sum")`` calls
+``TASK_FAMILIES["rg"]("chain_sum")`` (reasoning-gym, GEM, TextArena adapters)."""
+
+
+def task_factory(name: str) -> Callable[..., Task]:
+    """The factory ``make_task(name, **kwargs)`` calls: a registered task's, or for
+    ``"prefix:rest"`` its family's with ``rest`` bound as the first argument."""
+    if name in TASKS:
+        return TASKS[name]
+    prefix, sep, rest = name.partition(":")
+    if sep and rest and prefix in TASK_FAMILIES:
+        return functools.partial(TASK_FAMILIES[prefix], rest)
+    families = ", ".join(f"{p}:<name>" for p in sorted(TASK_FAMILIES))
+    raise ValueError(
+        f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}"
+        + (f"; task families: {families}" if families else "")
+    )
+
+
 def make_task(name: str, **kwargs: Any) -> Task:
-    """Build a registered task by name, e.g. ``make_task("reverse", partial=True)``."""
-    try:
-        factory = TASKS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}"
-        ) from None
-    task = factory(**kwargs)
+    """Build a registered task by name, e.g. ``make_task("reverse", partial=True)`` or
+    ``make_task("rg:chain_sum", size=32)`` (a task family, :data:`TASK_FAMILIES`)."""
+    task = task_factory(name)(**kwargs)
     task.metadata.setdefault("make_task", {"name": name, "kwargs": kwargs})
     return task
+
+
+def register_task_family(prefix: str, factory: Callable[..., Task]) -> None:
+    """Make ``make_task(f"{prefix}:{rest}", **kw)`` build ``factory(rest, **kw)``."""
+    if not prefix or ":" in prefix:
+        raise ValueError(f"task family prefix {prefix!r}: expected a non-empty name without ':'")
+    if prefix in TASK_FAMILIES:
+        raise ValueError(f"task family {prefix!r} is already registered")
+    TASK_FAMILIES[prefix] = factory
 
 
 def register_task(name: str, factory: Callable[..., Task]) -> None:
