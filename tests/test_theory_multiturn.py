@@ -149,20 +149,21 @@ def test_tree_follows_the_reply_protocol() -> None:
     assert not bool(tr.chance[tr.node_index(0, (EOS, B))])  # the reply "b" is complete
     for r, (_, toks) in enumerate(tr.responses):
         n = len(toks)
-        # the cap right after a turn's EOS: the random reply never starts (replay_turns
-        # cannot tell its outcome), so replay up to that EOS
-        cut_at_eos = n == HORIZON and toks[-1] == EOS and toks.count(EOS) < MAX_TURNS
         state = replay_turns(
             reply_fn,
             prompt_index=0,
             prompt_ids=PROMPT,
-            response_ids=toks[:-1] if cut_at_eos else toks,
+            response_ids=toks,
             eos_token_id=EOS,
             tokenizer=TOK,
             max_turns=MAX_TURNS,
         )
-        assert tr.policy_mask[r, :n].tolist() == [*state.policy_mask, *([True] * cut_at_eos)]
+        assert tr.policy_mask[r, :n].tolist() == list(state.policy_mask)
         assert state.ended or n == HORIZON
+        # the cap right after a turn's EOS: the random reply never starts, the response
+        # stops at a chance node
+        cut_at_eos = n == HORIZON and toks[-1] == EOS and toks.count(EOS) < MAX_TURNS
+        assert bool(state.undecided) == (cut_at_eos and len(state.pending) == 0)
         chance = ~tr.policy_mask[r, :n]
         env_p = tr.env_prob.reshape(-1)[tr.pair[r, :n][chance]].prod()
         if not state.pending:  # a reply cut by the cap counts its outcome's first tokens only

@@ -55,6 +55,9 @@ def test_replay_marks_injected_tokens_and_multiplies_chance(tok) -> None:  # typ
     assert (st.turns, st.probability, st.ended, st.pending) == (2, 0.75, True, ())
     mid = task.replay(0, [a], [a, eos, b])  # stops inside the env's reply
     assert (mid.pending, mid.probability, mid.ended) == ((b,), 0.75, False)
+    cut = task.replay(0, [a], [a, eos])  # the length cap cut it before the reply's draw
+    assert (cut.policy_mask, cut.pending, cut.ended) == ((True, True), (), False)
+    assert cut.undecided == ((0.25, (a,)), (0.75, (b, b)))
     with pytest.raises(TurnError, match="none of the environment's replies"):
         task.replay(0, [a], [a, eos, eos])
     with pytest.raises(TurnError, match="after the episode ended"):

@@ -169,6 +169,12 @@ def multi_turn_prefixes(
                 f"response_prefix of row {i} ends the episode (turn {state.turns}); a start "
                 "state must be non-terminal"
             )
+        if state.undecided:
+            raise ValueError(
+                f"response_prefix of row {i} stops inside the environment's random reply "
+                f"before its tokens tell which of {[list(o) for _, o in state.undecided]} "
+                "happened; a start state must be a decision state"
+            )
         full = list(p) + list(state.pending)
         pmask = [int(x) for x in state.policy_mask] + [0] * len(state.pending)
         if len(full) >= env.R:

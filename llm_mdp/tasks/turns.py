@@ -229,6 +229,11 @@ class TurnState:
             stops inside (empty at a decision state).
         ended: True when ``reply_fn`` ended the episode or the turn cap was reached
             after the last token.
+        undecided: the random outcomes the response stops among: it ends inside a
+            random reply before its tokens tell which outcome happened (right after the
+            EOS, say, when the length cap cut it there). The response then stands at a
+            chance node, not at a decision state; ``pending`` is empty and
+            ``probability`` leaves this last draw out. Empty otherwise.
     """
 
     policy_mask: tuple[bool, ...]
@@ -236,6 +241,7 @@ class TurnState:
     probability: float
     pending: tuple[int, ...]
     ended: bool
+    undecided: ReplyOutcomes = ()
 
 
 def replay_turns(
@@ -252,7 +258,8 @@ def replay_turns(
 
     Every policy EOS ends a turn; ``reply_fn`` then gives the reply, which must follow
     in ``response_ids`` (for a random reply: one of its outcomes). A response may stop
-    inside a reply (``pending`` is then the rest of it) or at a decision state.
+    inside a reply (``pending`` is then the rest of it; ``undecided`` lists the outcomes
+    when its tokens do not yet tell which one happened) or at a decision state.
 
     Raises:
         TurnError: the response goes on after the episode ended, or the tokens after an
@@ -289,11 +296,9 @@ def replay_turns(
             return TurnState(tuple(mask), turns, prob, (), True)
         rest = tuple(ids[i:])
         match = [(p, o) for p, o in outcomes if o[: len(rest)] == rest[: len(o)]]
-        if len(match) > 1:
-            raise TurnError(
-                f"response {ids} stops inside the environment's reply after the EOS at token "
-                f"{i - 1}, before its tokens {list(rest)} tell which outcome happened"
-            )
+        if len(match) > 1:  # stops at a chance node whose draw the tokens do not show
+            mask.extend([False] * len(rest))
+            return TurnState(tuple(mask), turns, prob, (), False, tuple(match))
         if not match:
             raise TurnError(
                 f"response {ids}: after the EOS at token {i - 1} the tokens {list(rest)} "
