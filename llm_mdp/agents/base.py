@@ -37,6 +37,7 @@ from gymnasium.vector import AutoresetMode
 
 from llm_mdp import distributed, fsdp
 from llm_mdp import estimators as est
+from llm_mdp.agents.accounting import ForwardPositions
 from llm_mdp.agents.checkpoint import agent_state, load_agent, restore_agent
 from llm_mdp.agents.config import AgentConfig
 from llm_mdp.agents.interrupt import StopOnSignal, TrainingInterrupted
@@ -57,6 +58,10 @@ from llm_mdp.validation import Range, check_type
 
 STREAM_MAIN, STREAM_VALUE = 0, 1  # kinds of random streams (see Agent.streams)
 STREAM_EVAL = 3  # evaluation on multi-turn tasks (see Agent.evaluate)
+# metrics already summed over ranks: counters, and tokens per second (global tokens / time)
+_GLOBAL_METRICS = frozenset(
+    ("update", "samples", "tokens", "episodes", "generated_tokens", "forward_positions")
+) | {"tokens_per_s"}
 
 
 class TrainingError(RuntimeError):
@@ -141,6 +146,10 @@ class Agent:
         self.samples = 0
         self.tokens = 0
         self.episodes = 0  # every episode generated, value and greedy rollouts included
+        self.generated_tokens = 0  # every token any of those episodes generated
+        self.forward_positions = 0  # token positions through the models' trunks
+        ref = [] if self.ref_policy is None else [self._as_module(self.ref_policy)]
+        self._forward = ForwardPositions([*self.modules.values(), *ref])
         self.history: list[dict[str, float]] = []
         self.refill = 0  # dynamic sampling's extra batches within one update
 
@@ -169,6 +178,11 @@ class Agent:
         """Episodes this agent's envs have ended so far (compute accounting); an agent
         that runs episodes in envs of its own adds them."""
         return self.env.episodes_finished
+
+    def tokens_generated_run(self) -> int:
+        """Tokens this agent's envs have generated so far (compute accounting); an agent
+        that runs episodes in envs of its own adds theirs."""
+        return self.env.tokens_generated
 
     @property
     def policy_loss_name(self) -> str:
@@ -225,6 +239,7 @@ class Agent:
         cfg = self.config
         t0 = time.perf_counter()
         episodes_before = self.episodes_run()
+        generated_before, forward_before = self.tokens_generated_run(), self._forward.count
         metrics: dict[str, float] = {}
         # a sharded policy is gathered for decoding only; behavior sampling (temperature,
         # top-k, top-p) is on for every rollout of the update
@@ -255,13 +270,21 @@ class Agent:
         metrics |= self.optimize(batch)
         t2 = time.perf_counter()
 
-        local = [len(batch), float(mask.sum()), self.episodes_run() - episodes_before]
+        local = [
+            len(batch),
+            float(mask.sum()),
+            self.episodes_run() - episodes_before,
+            self.tokens_generated_run() - generated_before,
+            self._forward.count - forward_before,
+        ]
         totals = self.dist.all_reduce(torch.tensor(local, dtype=torch.float64, device=self.device))
-        n_seq, n_tok, n_ep = (int(x) for x in totals.tolist())
+        n_seq, n_tok, n_ep, n_gen, n_fwd = (int(x) for x in totals.tolist())
         self.update += 1
         self.samples += n_seq
         self.tokens += n_tok
         self.episodes += n_ep
+        self.generated_tokens += n_gen
+        self.forward_positions += n_fwd
         r = batch.rewards
         return self._reduce_metrics(
             {
@@ -269,6 +292,8 @@ class Agent:
                 "samples": self.samples,
                 "tokens": self.tokens,
                 "episodes": self.episodes,
+                "generated_tokens": self.generated_tokens,
+                "forward_positions": self.forward_positions,
                 "reward/mean": float(r.mean()),
                 "reward/std": float(r.std()) if len(r) > 1 else 0.0,
                 "reward/max": float(r.max()),
@@ -293,7 +318,7 @@ class Agent:
         out = dict(m)
         groups: dict[str, list[str]] = {"max": [], "min": [], "sum": []}
         for k in m:
-            if k in ("update", "samples", "tokens", "episodes", "tokens_per_s"):
+            if k in _GLOBAL_METRICS:
                 continue
             op = (
                 "max"
@@ -420,12 +445,17 @@ class Agent:
         total_updates: int | None = None,
         *,
         total_tokens: int | None = None,
+        total_generated_tokens: int | None = None,
         progress: bool = True,
         callback: Callable[[Agent, dict[str, float]], Any] | None = None,
     ) -> list[dict[str, float]]:
-        """Train until ``self.update == total_updates`` (or ``total_tokens`` response tokens).
+        """Train until ``self.update == total_updates``, ``total_tokens`` trained response
+        tokens, or ``total_generated_tokens`` generated tokens, whichever comes first.
 
-        Targets are absolute, so a loaded checkpoint continues the same run. With a
+        ``total_generated_tokens`` counts every token any rollout generated (TRePO's value
+        rollouts, ReMax's greedy baseline, dynamic-sampling refills): the budget that makes
+        agents comparable at equal sampling cost. The update that crosses a token budget
+        finishes. Targets are absolute, so a loaded checkpoint continues the same run. With a
         ``run_dir``, metrics go to ``metrics.csv`` (and TensorBoard when installed) and
         a checkpoint is written atomically every ``checkpoint_every`` updates and at the
         end; an agent loaded from a checkpoint drops the folder's metric rows past its
@@ -437,9 +467,14 @@ class Agent:
         fails, training stops with :class:`TrainingError`; the last checkpoint is left
         as it was.
         """
-        if total_updates is None and total_tokens is None:
-            raise ValueError("give total_updates or total_tokens")
-        for name, value in (("total_updates", total_updates), ("total_tokens", total_tokens)):
+        targets = {
+            "total_updates": total_updates,
+            "total_tokens": total_tokens,
+            "total_generated_tokens": total_generated_tokens,
+        }
+        if all(v is None for v in targets.values()):
+            raise ValueError("give total_updates, total_tokens or total_generated_tokens")
+        for name, value in targets.items():
             if value is not None:
                 check_type(name, value, int)
                 Range(0).check(name, value)
@@ -454,6 +489,9 @@ class Agent:
 
         def more() -> bool:
             if total_updates is not None and self.update >= total_updates:
+                return False
+            generated = total_generated_tokens
+            if generated is not None and self.generated_tokens >= generated:
                 return False
             return total_tokens is None or self.tokens < total_tokens
 

@@ -30,6 +30,7 @@ CHECKPOINT_FORMAT = 1
 
 _KEYS = ("agent", "config", "modules", "optimizer", "counters", "history", "rng", "extra")
 _COUNTERS = ("update", "samples", "tokens", "episodes")
+_COST_COUNTERS = ("generated_tokens", "forward_positions")  # 0 in older checkpoints
 
 
 class CheckpointError(ValueError):
@@ -171,7 +172,7 @@ def agent_state(agent: Any) -> dict[str, Any]:
         if agent.ref_policy is None
         else agent._as_module(agent.ref_policy).state_dict(),
         "optimizer": agent.optimizer.state_dict(),
-        "counters": {k: getattr(agent, k) for k in _COUNTERS},
+        "counters": {k: getattr(agent, k) for k in _COUNTERS + _COST_COUNTERS},
         "history": agent.history,
         "rng": {
             "agent": agent.rng.bit_generator.state,
@@ -197,6 +198,8 @@ def restore_agent(agent: Any, state: dict[str, Any]) -> None:
         agent.optimizer.load_state_dict(state["optimizer"])
     for k in _COUNTERS:
         setattr(agent, k, state["counters"][k])
+    for k in _COST_COUNTERS:
+        setattr(agent, k, int(state["counters"].get(k, 0)))
     agent.history = list(state["history"])
     agent.rng.bit_generator.state = state["rng"]["agent"]
     gen = getattr(agent.policy, "generator", None)

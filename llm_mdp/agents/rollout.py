@@ -304,6 +304,7 @@ class EnvPool:
         self.max_sizes = max_sizes
         self._envs: dict[int, LLMTokenVectorEnv] = {}
         self._retired_episodes = 0
+        self._retired_tokens = 0
 
     def get(self, num_envs: int) -> LLMTokenVectorEnv:
         """An env with ``num_envs`` rows (built on first use; the oldest size is dropped
@@ -313,7 +314,9 @@ class EnvPool:
         if num_envs not in self._envs:
             if len(self._envs) >= self.max_sizes:
                 oldest = next(iter(self._envs))
-                self._retired_episodes += self._envs.pop(oldest).episodes_finished
+                retired = self._envs.pop(oldest)
+                self._retired_episodes += retired.episodes_finished
+                self._retired_tokens += retired.tokens_generated
             e = self.env
             self._envs[num_envs] = type(e)(
                 e.task,
@@ -330,6 +333,11 @@ class EnvPool:
     def episodes_finished(self) -> int:
         """Episodes the pool's own envs (not the template) have ended."""
         return self._retired_episodes + sum(e.episodes_finished for e in self._envs.values())
+
+    @property
+    def tokens_generated(self) -> int:
+        """Tokens the pool's own envs (not the template) have generated."""
+        return self._retired_tokens + sum(e.tokens_generated for e in self._envs.values())
 
 
 def rollout_prefixes(

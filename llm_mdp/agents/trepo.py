@@ -100,6 +100,9 @@ class TRePO(Agent):
     def episodes_run(self) -> int:
         return super().episodes_run() + self.value_envs.episodes_finished
 
+    def tokens_generated_run(self) -> int:
+        return super().tokens_generated_run() + self.value_envs.tokens_generated
+
     def collect(self) -> Rollout:
         batch = super().collect()
         cfg = self.config

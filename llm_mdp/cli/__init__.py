@@ -1,4 +1,4 @@
-"""``llm-mdp``: train, compare, step through an episode, verify the theory, benchmark.
+"""``llm-mdp``: train, compare, step through an episode, verify the theory, benchmark, study.
 
 Every error a user can cause (a bad flag value, a config file, a run folder, a
 checkpoint, a device) prints one line ``llm-mdp: error: ...`` naming the value and what
@@ -150,7 +150,7 @@ def _catalogue() -> str:
 
 def make_parser() -> Parser:
     """The ``llm-mdp`` parser with one subparser per command."""
-    from llm_mdp.cli import bench, verify
+    from llm_mdp.cli import bench, study, verify
 
     parser = Parser(
         prog="llm-mdp",
@@ -201,6 +201,15 @@ def make_parser() -> Parser:
     p = sub.add_parser("bench", help="benchmarks against model.generate, TRL, and memory")
     bench.add_arguments(p)
     p.set_defaults(func="bench")
+    p = sub.add_parser(
+        "study",
+        help="agents x tasks x seeds at equal generated-token budgets, resumable",
+        description="Run (or continue) a study: every run stops at the same budget of "
+        "generated tokens; writes one CSV/JSON per run, summary.json/csv with 95% bootstrap "
+        "intervals over seeds and pairwise tests, and figures (docs/experiments.md).",
+    )
+    study.add_arguments(p)
+    p.set_defaults(func="study")
     return parser
 
 
@@ -221,6 +230,10 @@ def _command(name: str) -> Callable[[argparse.Namespace], int]:
         from llm_mdp.cli.verify import cmd_verify
 
         return cmd_verify
+    if name == "study":
+        from llm_mdp.cli.study import cmd_study
+
+        return cmd_study
     from llm_mdp.cli.bench import cmd_bench
 
     return cmd_bench

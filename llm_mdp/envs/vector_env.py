@@ -196,9 +196,18 @@ class LLMTokenVectorEnv(VectorEnv):
         self._rows = torch.arange(B, **kw)
         self._has_reset = False
         self.episodes_finished = 0  # episodes ended since construction (compute accounting)
+        # actions appended to running rows since construction (compute accounting); a
+        # device tensor, so counting costs no host sync per step
+        self._tokens_generated = torch.zeros((), dtype=torch.long, **kw)
         self._np_random, self._np_random_seed = gym.utils.seeding.np_random(None)
 
     # ------------------------------------------------------------------ properties
+    @property
+    def tokens_generated(self) -> int:
+        """Tokens appended to running rows by :meth:`step` since construction: every
+        action an episode took, EOS included (compute accounting)."""
+        return int(self._tokens_generated)
+
     @property
     def done(self) -> torch.Tensor:
         """``(B,)`` bool: rows whose episode has ended (terminated or truncated)."""
@@ -406,6 +415,7 @@ class LLMTokenVectorEnv(VectorEnv):
         flags = self.policy_flags
         flags.scatter_(1, col, (flags.gather(1, col).squeeze(1) | active).unsqueeze(1))
         self.response_len += active
+        self._tokens_generated += active.sum()
         ended_eos = active & (a == self.eos_token_id)
         if self.task.multi_turn and bool(ended_eos.any()):
             # the env's replies are part of this transition: appended now, and only the
