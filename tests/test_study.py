@@ -19,6 +19,7 @@ from llm_mdp.agents.trepo import TRePOConfig
 from llm_mdp.cli import main
 from llm_mdp.policies import CausalLMPolicy, tiny_gpt2
 from llm_mdp.study import StudyError, load_study, run_study
+from llm_mdp.study.runner import extend_grids
 from llm_mdp.study.stats import bootstrap_ci, holm, permutation_test, window_means
 
 
@@ -110,6 +111,15 @@ def test_bootstrap_interval_covers_the_mean_at_the_nominal_rate() -> None:
     assert 0.88 <= hits / 200 <= 0.99
 
 
+def test_a_best_rate_on_the_edge_of_its_grid_extends_the_grid() -> None:
+    grids = {"a": [1e-3, 3e-3, 1e-2], "b": [1e-3, 3e-3, 1e-2], "c": [1e-3, 3e-3, 1e-2]}
+    assert extend_grids(grids, {"a": 1e-2, "b": 3e-3, "c": 1e-3})
+    assert grids["a"][-1] == pytest.approx(1e-2 * 1e-2 / 3e-3)
+    assert grids["b"] == [1e-3, 3e-3, 1e-2]  # an interior best: the grid stays
+    assert grids["c"][0] == pytest.approx(1e-3 * 1e-3 / 3e-3)
+    assert not extend_grids({"b": [1e-3, 3e-3, 1e-2]}, {"b": 3e-3})
+
+
 # ---------------------------------------------------------------------- the study
 def _results(out: Path) -> dict[str, Any]:
     s = json.loads((out / "summary.json").read_text())
@@ -117,6 +127,7 @@ def _results(out: Path) -> dict[str, Any]:
     return s
 
 
+@pytest.mark.slow
 def test_builtin_study_stopped_and_resumed_equals_uninterrupted(tmp_path: Path) -> None:
     spec, _ = load_study("tiny")
     n = len(spec.tune_runs()) + len(spec.agents) * len(spec.tasks) * len(spec.seeds)

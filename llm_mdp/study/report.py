@@ -23,7 +23,7 @@ from llm_mdp.study.stats import (
     window_means,
 )
 
-__all__ = ["summarize", "write_report"]
+__all__ = ["format_costs", "format_table", "summarize", "write_report"]
 
 STATS_SEED = 20250602  # the bootstrap's generator: a summary is reproducible
 
@@ -186,4 +186,27 @@ def format_table(summary: dict[str, Any]) -> str:
             r = summary["results"][t][label]
             cells.append(f"{r['final']:.3f} [{r['final_ci'][0]:.3f}, {r['final_ci'][1]:.3f}]")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_costs(summary: dict[str, Any]) -> str:
+    """What the token budget cost each agent, as Markdown: updates, episodes, forward
+    positions per generated token and wall seconds per run (means over seeds and tasks)."""
+    tasks = list(summary["results"])
+    labels = list(next(iter(summary["results"].values())))
+    lines = [
+        "| agent | learning rate | updates | episodes | forward positions / generated token "
+        "| seconds per run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label in labels:
+        rs = [summary["results"][t][label] for t in tasks]
+        sec = [summary["timing"][t][label]["seconds"] for t in tasks]
+        lines.append(
+            f"| {label} | {rs[0]['learning_rate']:g} "
+            f"| {np.mean([r['updates'] for r in rs]):.0f} "
+            f"| {np.mean([r['episodes'] for r in rs]):.0f} "
+            f"| {np.mean([r['forward_per_generated'] for r in rs]):.1f} "
+            f"| {np.mean(sec):.0f} |"
+        )
     return "\n".join(lines)

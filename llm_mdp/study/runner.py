@@ -131,16 +131,16 @@ def final_reward(rec: dict[str, Any], fraction: float) -> float:
     return float(window_means(ends, values, [(1 - fraction) * B, B])[0])
 
 
-def pick_learning_rates(spec: StudySpec, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Per tuned label, the rate with the best mean final reward (as a fraction of each
-    task's optimum) over the tune tasks; ties go to the smaller rate."""
+def pick_learning_rates(
+    spec: StudySpec, records: dict[str, dict[str, Any]], grids: dict[str, list[float]]
+) -> dict[str, Any]:
+    """Per tuned label, the rate of its grid with the best mean final reward (as a
+    fraction of each task's optimum) over the tune tasks; ties go to the smaller rate."""
     picked: dict[str, float] = {}
     scores: dict[str, dict[str, float]] = {}
-    for label in spec.agents:
-        if not spec.tuned(label):
-            continue
+    for label, grid in grids.items():
         scores[label] = {}
-        for lr in sorted(spec.tune_learning_rates):
+        for lr in grid:
             vals = []
             for task in spec.tune_tasks:
                 run = spec._run(label, task, spec.tune_seed, lr, "tune")
@@ -150,6 +150,22 @@ def pick_learning_rates(spec: StudySpec, records: dict[str, dict[str, Any]]) -> 
         best = max(scores[label].values())
         picked[label] = min(float(k) for k, v in scores[label].items() if v == best)
     return {"learning_rates": picked, "scores": scores}
+
+
+def extend_grids(grids: dict[str, list[float]], picked: dict[str, float]) -> bool:
+    """Add one rate beyond the edge of each grid whose best rate is on that edge (the
+    grid's outer ratio once more); returns whether any grid grew."""
+    grew = False
+    for label, g in grids.items():
+        if len(g) < 2:
+            continue
+        if picked[label] == g[-1]:
+            g.append(g[-1] * g[-1] / g[-2])
+            grew = True
+        elif picked[label] == g[0]:
+            g.insert(0, g[0] * g[0] / g[1])
+            grew = True
+    return grew
 
 
 def _execute(
@@ -216,6 +232,7 @@ def run_study(
 
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
+    grids = {k: sorted(spec.tune_learning_rates) for k in spec.agents if spec.tuned(k)}
     tune = spec.tune_runs()
     records: dict[str, dict[str, Any]] = {}
 
@@ -250,7 +267,21 @@ def run_study(
     try:
         if not _execute(todo_tune, runs_dir, spec.threads, jobs, left, done):
             return None
-        tuning = pick_learning_rates(spec, records)
+        tuning = pick_learning_rates(spec, records, grids)
+        for _ in range(spec.tune_extend):  # a best rate on the grid's edge: look beyond it
+            if not extend_grids(grids, tuning["learning_rates"]):
+                break
+            extra = [
+                spec._run(label, task, spec.tune_seed, lr, "tune")
+                for label, grid in grids.items()
+                for task in spec.tune_tasks
+                for lr in grid
+            ]
+            todo = collect(extra)
+            bar.total += len(todo)
+            if not _execute(todo, runs_dir, spec.threads, jobs, left, done):
+                return None
+            tuning = pick_learning_rates(spec, records, grids)
         _write_atomic(out / "tuning.json", json.dumps(tuning, indent=1))
         main = spec.main_runs(tuning["learning_rates"])
         todo_main = collect(main)

@@ -100,6 +100,9 @@ class StudySpec:
         agents: label -> ``{"agent": name, "config": overrides}``.
         tune_seed, tune_learning_rates, tune_tasks: the learning-rate search (empty
             ``tune_learning_rates``: none).
+        tune_extend: times a label's grid is extended by one rate past an edge when its
+            best rate lies on that edge (the grid's outer ratio again: ``[1e-3, 3e-3,
+            1e-2]`` with the best at ``1e-2`` tries ``3.3e-2``).
         points: points of each learning curve on the token axis.
         final_fraction: the final reward is the mean over this last fraction of the budget.
     """
@@ -117,6 +120,7 @@ class StudySpec:
     tune_seed: int = 100
     tune_learning_rates: list[float] = field(default_factory=list)
     tune_tasks: list[str] = field(default_factory=list)
+    tune_extend: int = 1
     points: int = 20
     final_fraction: float = 0.1
 
@@ -141,8 +145,10 @@ class StudySpec:
                 )
             agents[label] = {"agent": a.get("agent", label), "config": dict(a.get("config", {}))}
         tune = dict(d.get("tune", {}))
-        if set(tune) - {"seed", "learning_rates", "tasks"}:
-            raise StudyError(f"{where}: [tune] holds seed, learning_rates, tasks; got {tune!r}")
+        if set(tune) - {"seed", "learning_rates", "tasks", "extend"}:
+            raise StudyError(
+                f"{where}: [tune] holds seed, learning_rates, tasks, extend; got {tune!r}"
+            )
         spec = cls(
             name=str(d.get("name", Path(where).stem)),
             description=str(d.get("description", "")),
@@ -157,6 +163,7 @@ class StudySpec:
             tune_seed=int(tune.get("seed", 100)),
             tune_learning_rates=[float(x) for x in tune.get("learning_rates", [])],
             tune_tasks=list(tune.get("tasks", d["tasks"])),
+            tune_extend=int(tune.get("extend", 1)),
             points=int(d.get("points", 20)),
             final_fraction=float(d.get("final_fraction", 0.1)),
         )
@@ -228,12 +235,13 @@ class StudySpec:
         ]
 
     def main_runs(self, learning_rates: dict[str, float]) -> list[RunSpec]:
-        """The reported grid, agent x task x seed, with each tuned label's picked rate."""
+        """The reported grid with each tuned label's picked rate, seed by seed (a study
+        stopped early has every agent on the same seeds)."""
         return [
             self._run(label, task, seed, learning_rates.get(label), "main")
-            for label in self.agents
-            for task in self.tasks
             for seed in self.seeds
+            for task in self.tasks
+            for label in self.agents
         ]
 
 
