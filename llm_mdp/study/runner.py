@@ -16,13 +16,13 @@ holds another spec under the same key (the study file changed) is refused.
 
 from __future__ import annotations
 
-import csv
 import json
 import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +143,7 @@ def pick_learning_rates(
         for lr in grid:
             vals = []
             for task in spec.tune_tasks:
-                run = spec._run(label, task, spec.tune_seed, lr, "tune")
+                run = spec.run_spec(label, task, spec.tune_seed, lr, "tune")
                 rec = records[run.key]
                 vals.append(final_reward(rec, spec.final_fraction) / rec["optimum"])
             scores[label][f"{lr:g}"] = sum(vals) / len(vals)
@@ -168,21 +168,31 @@ def extend_grids(grids: dict[str, list[float]], picked: dict[str, float]) -> boo
     return grew
 
 
+@dataclass
+class _Quota:
+    """Runs this call may still start (``None``: no limit)."""
+
+    left: int | None
+
+    def take(self, runs: list[RunSpec]) -> list[RunSpec]:
+        if self.left is None:
+            return list(runs)
+        taken = runs[: self.left]
+        self.left -= len(taken)
+        return taken
+
+
 def _execute(
     runs: list[RunSpec],
     runs_dir: Path,
     threads: int,
     jobs: int,
-    budget_left: list[int | None],
+    quota: _Quota,
     on_done: Callable[[dict[str, Any]], None],
 ) -> bool:
-    """Run ``runs`` in ``jobs`` worker processes (1: in this process); ``budget_left[0]``
-    (runs still allowed, ``None``: no limit) is decremented per run started. Returns
-    whether every run was done."""
-    todo = list(runs)
-    if budget_left[0] is not None:
-        todo = todo[: max(budget_left[0], 0)]
-        budget_left[0] -= len(todo)
+    """Run what ``quota`` allows of ``runs`` in ``jobs`` worker processes (1: in this
+    process), calling ``on_done`` with each record; returns whether all of them ran."""
+    todo = quota.take(runs)
     if jobs <= 1:
         for run in todo:
             on_done(run_one(run, runs_dir, threads))
@@ -256,7 +266,7 @@ def run_study(
         dynamic_ncols=True,
     )
     bar.update(len(tune) - len(todo_tune))
-    left: list[int | None] = [max_runs]
+    left = _Quota(max_runs)
 
     def done(rec: dict[str, Any]) -> None:
         run = RunSpec(**rec["spec"])
@@ -272,7 +282,7 @@ def run_study(
             if not extend_grids(grids, tuning["learning_rates"]):
                 break
             extra = [
-                spec._run(label, task, spec.tune_seed, lr, "tune")
+                spec.run_spec(label, task, spec.tune_seed, lr, "tune")
                 for label, grid in grids.items()
                 for task in spec.tune_tasks
                 for lr in grid
@@ -293,9 +303,3 @@ def run_study(
     summary = write_report(spec, [records[r.key] for r in main], tuning, out)
     log(f"wrote {out / 'summary.json'}, {out / 'summary.csv'} and figures")
     return summary
-
-
-def read_csv_rows(path: Path) -> list[dict[str, float]]:
-    """A run's CSV back as dicts of floats."""
-    with path.open() as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]

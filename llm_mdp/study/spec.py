@@ -204,7 +204,9 @@ class StudySpec:
             bool(self.tune_learning_rates) and "learning_rate" not in self.agents[label]["config"]
         )
 
-    def _run(self, label: str, task: str, seed: int, lr: float | None, phase: str) -> RunSpec:
+    def run_spec(self, label: str, task: str, seed: int, lr: float | None, phase: str) -> RunSpec:
+        """One run of ``label`` on ``task`` with ``seed`` at learning rate ``lr`` (``None``:
+        the label's own, or the tiny models' default)."""
         a = self.agents[label]
         config = dict(a["config"])
         if lr is not None:
@@ -227,7 +229,7 @@ class StudySpec:
     def tune_runs(self) -> list[RunSpec]:
         """The learning-rate search: each tuned label x tune task x rate, on the tune seed."""
         return [
-            self._run(label, task, self.tune_seed, lr, "tune")
+            self.run_spec(label, task, self.tune_seed, lr, "tune")
             for label in self.agents
             if self.tuned(label)
             for task in self.tune_tasks
@@ -238,7 +240,7 @@ class StudySpec:
         """The reported grid with each tuned label's picked rate, seed by seed (a study
         stopped early has every agent on the same seeds)."""
         return [
-            self._run(label, task, seed, learning_rates.get(label), "main")
+            self.run_spec(label, task, seed, learning_rates.get(label), "main")
             for seed in self.seeds
             for task in self.tasks
             for label in self.agents
