@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -21,6 +22,7 @@ from llm_mdp.policies import CausalLMPolicy, tiny_gpt2
 from llm_mdp.study import StudyError, load_study, run_study
 from llm_mdp.study.runner import extend_grids
 from llm_mdp.study.stats import bootstrap_ci, holm, permutation_test, window_means
+from llm_mdp.study.variance import gradient_samples, relative_variance
 
 
 def _setup(num_envs: int = 8) -> tuple[LLMTokenVectorEnv, CausalLMPolicy]:
@@ -77,6 +79,14 @@ def test_forward_positions_match_the_policy_counters_and_training_passes() -> No
     acting = policy.positions_encoded + policy.positions_decoded
     assert len(trained) == 2  # one pass per epoch
     assert m["forward_positions"] == acting + sum(trained)
+
+
+def test_a_deep_copied_agent_counts_its_own_forward_positions() -> None:
+    env, policy = _setup()
+    agent = GRPO(env, policy, GRPOConfig(group_size=4, kl_coef=0.0, seed=0))
+    twin = copy.deepcopy(agent)
+    m = twin.train_step()
+    assert agent._forward.count == 0 < twin._forward.count == m["forward_positions"]
 
 
 def test_learn_stops_at_the_generated_token_budget() -> None:
@@ -183,3 +193,33 @@ def test_study_file_errors_name_the_value(tmp_path: Path) -> None:
     with pytest.raises(StudyError, match="tune seed 1 is a reported seed"):
         load_study(bad)
     assert main(["study", str(tmp_path / "missing.toml")]) == 2
+
+
+# ---------------------------------------------------------------------- variance in practice
+def test_relative_variance_exact_value() -> None:
+    r = relative_variance(torch.tensor([[1.0, 0.0], [3.0, 0.0]], dtype=torch.float64))
+    # tr Cov = 2 (n - 1 = 1); |E g|^2 = |mean|^2 - tr Cov / n = 4 - 1 = 3
+    assert r["trace_cov"] == pytest.approx(2.0)
+    assert r["relative_variance"] == pytest.approx(2.0 / 3.0)
+
+
+def test_gradient_samples_are_the_updates_gradients_at_fixed_weights() -> None:
+    env, policy = _setup()
+    cfg = GRPOConfig(group_size=4, max_grad_norm=None, seed=0)
+    agent = GRPO(env, policy, cfg)
+    before = [p.detach().clone() for p in policy.parameters()]
+    g = gradient_samples(agent, 3)
+    assert agent.update == 0
+    assert all(torch.equal(a, p) for a, p in zip(before, policy.parameters(), strict=True))
+    assert g.shape[0] == 3 and not torch.equal(g[0], g[1])  # fresh batches
+    # the first sample is the gradient the agent's own first update takes
+    seen: list[torch.Tensor] = []
+    step = agent.optimizer.step
+
+    def spy(*args: Any, **kw: Any) -> Any:
+        seen.append(torch.cat([p.grad.double().flatten() for p in policy.parameters()]))
+        return step(*args, **kw)
+
+    agent.optimizer.step = spy  # type: ignore[method-assign]
+    agent.train_step()
+    torch.testing.assert_close(g[0], seen[0])

@@ -69,6 +69,11 @@ class ForwardPositions:
         if isinstance(embeds, torch.Tensor):
             self.count += embeds.shape[:-1].numel()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # a deep copy of the agent copies the hooked modules, whose hooks then call the
+        # copy of this counter; the handles (weak references) stay with the original
+        return {**self.__dict__, "_handles": []}
+
     def close(self) -> None:
         """Remove the hooks."""
         for h in self._handles:
