@@ -11,6 +11,9 @@ Sections (``--only`` picks some, comma-separated):
 * ``scaling``  seconds per update vs batch and response length (``scaling.png``)
 * ``trepo``    seconds per TRePO update over GRPO's on ``llm-mdp train``'s defaults, with
   the positions each encodes and decodes per update
+* ``critics``  PPO with each critic option (copy, shared trunk, small) beside GRPO and
+  TRePO: seconds per update and reward after the same updates (memory: the memory
+  section's ``critics`` variant)
 
 Budgets: default ``full``; ``--quick`` (CPU, under ~5 minutes); ``--tiny`` (seconds, for
 tests: the figures mean nothing). Writes ``results.json``, ``summary.md`` and
@@ -29,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("rollout", "update", "numerics", "memory", "scaling", "trepo")
+SECTIONS = ("rollout", "update", "numerics", "memory", "scaling", "trepo", "critics")
 
 
 DESCRIPTION = (
@@ -189,6 +192,12 @@ def _run(sections: Sequence[str], b: Any, dev: Any, threads: int, log: Any) -> d
             res["trepo"] = bench_trepo_cost(
                 num_envs=b.trepo_num_envs, steps=b.trepo_steps, device=dev, log=log
             )
+        elif section == "critics":
+            from llm_mdp.bench.critics import bench_critics
+
+            res["critics"] = bench_critics(
+                num_envs=b.critics_num_envs, updates=b.critics_updates, device=dev, log=log
+            )
         res["seconds"][section] = time.perf_counter() - t0
     return res
 
@@ -286,11 +295,12 @@ def summary_rows(res: dict[str, Any]) -> list[list[str]]:
                 continue
             goal = "<= 1.1" if r["agent"] == "trepo" else ""
             cuda = f", cuda {r['cuda_ratio_to_grpo']:.2f}x" if "cuda_ratio_to_grpo" in r else ""
+            name = {"ppo": "PPO", "trepo": "TRePO"}.get(r["agent"], r["agent"])
             rows.append(
                 _row(
-                    f"peak memory {r['agent'].upper() if r['agent'] == 'ppo' else 'TRePO'}/GRPO ({r['variant']})",
+                    f"peak memory {name}/GRPO ({r['variant']})",
                     f"+{r['delta_mb']:.0f} MB",
-                    f"+{next(g['delta_mb'] for g in mem['rows'] if g['agent'] == 'grpo' and g['variant'] == r['variant']):.0f} MB (GRPO)",
+                    f"+{r['grpo_delta_mb']:.0f} MB (GRPO)",
                     f"{r['ratio_to_grpo']:.2f}x{cuda}",
                     goal,
                 )
@@ -329,6 +339,21 @@ def summary_rows(res: dict[str, Any]) -> list[list[str]]:
                 f"{t['episodes_per_update']:,.0f} / {g['episodes_per_update']:,.0f} episodes",
             )
         )
+    cr = res.get("critics")
+    if cr:
+        st, sets = cr["settings"], cr["setups"]
+        for label, r in sets.items():
+            rows.append(
+                _row(
+                    f"{label}: s/update, reward after {st['updates']} updates "
+                    f"(train defaults, B {st['num_envs']})",
+                    f"{r['step_s']:.3f} s, batch {r['final_batch_reward']:.3f}, "
+                    f"greedy {r['greedy_reward']:.3f}",
+                    f"{sets['trepo']['step_s']:.3f} s, {sets['trepo']['final_batch_reward']:.3f}"
+                    " (TRePO)",
+                    f"{r['time_over_grpo']:.2f}x GRPO time",
+                )
+            )
     sc = res.get("scaling")
     if sc:
         for axis in ("batch", "length"):
