@@ -127,3 +127,19 @@ def test_summary_reports_skipped_trl_sections() -> None:
 def test_bench_cli_rejects_cuda_without_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench_cli(["--tiny", "--device", "cuda"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_repeats_give_each_ratio_its_run_to_run_spread() -> None:
+    def run(ratio: float) -> dict[str, object]:
+        agent = {
+            "step_s": 0.1,
+            "encoded_per_update": 10,
+            "decoded_per_update": 20,
+            "episodes_per_update": 8,
+        }
+        tr = {"settings": {"num_envs": 8}, "grpo": agent, "trepo": agent}
+        return {"trepo": tr | {"ratio": ratio, "ratio_min": ratio, "ratio_max": ratio}}
+
+    rows = summary_rows(dict(run(2.0), repeats=[run(2.5), run(1.25)]))
+    assert rows[0][3] == "2.00x (2.00-2.00) [runs: 2.00 (1.25-2.50)]"
+    assert summary_rows(run(2.0))[0][3] == "2.00x (2.00-2.00)"  # one run: no spread

@@ -25,7 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -63,6 +65,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--out", type=Path, default=None, help="output folder (default: runs/bench-<time>)"
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run the sections this many times; the table gives each ratio's median over "
+        "the runs and its min-max (the run-to-run spread); default 1",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -213,8 +222,32 @@ def _faster(peer_over_ours: float) -> str:
     return f"{1 / peer_over_ours:.2f}x slower"
 
 
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+
+
 def summary_rows(res: dict[str, Any]) -> list[list[str]]:
-    """The ratio table: one row per figure, ``[what, ours, peer, ratio, goal]``."""
+    """The ratio table: one row per figure, ``[what, ours, peer, ratio, goal]``.
+
+    With repeated runs (``res["repeats"]``, from ``--repeats``) the figures are the first
+    run's and the ratio cell adds the median and min-max of its leading number over all
+    runs, e.g. ``1.08x faster [runs: 1.06 (1.02-1.08)]``.
+    """
+    rows = _rows_of_one_run(res)
+    others = [_rows_of_one_run(r) for r in res.get("repeats", [])]
+    if not others:
+        return rows
+    for i, row in enumerate(rows):
+        values = [_NUMBER.search(row[3])]
+        values += [
+            _NUMBER.search(o[i][3]) if i < len(o) and o[i][0] == row[0] else None for o in others
+        ]
+        nums = [float(m.group()) for m in values if m is not None]
+        if len(nums) == len(values) and len(nums) > 1:
+            row[3] += f" [runs: {statistics.median(nums):.2f} ({min(nums):.2f}-{max(nums):.2f})]"
+    return rows
+
+
+def _rows_of_one_run(res: dict[str, Any]) -> list[list[str]]:
     rows: list[list[str]] = []
     for r in res.get("rollout", []):
         goal = ">= 2" if r["vocab"] >= 50000 else ">= 1.0"
@@ -453,6 +486,9 @@ def run_cli(args: argparse.Namespace, argv: Sequence[str]) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.repeats < 1:
+        print(f"llm-mdp bench: error: --repeats {args.repeats}, expected >= 1", file=sys.stderr)
+        return 2
     if args.threads < 1:
         print(f"llm-mdp bench: error: --threads {args.threads}, expected >= 1", file=sys.stderr)
         return 2
@@ -469,7 +505,11 @@ def run_cli(args: argparse.Namespace, argv: Sequence[str]) -> int:
     budget = "tiny" if args.tiny else "quick" if args.quick else "full"
     out = args.out or Path(f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}-{budget}")
     command = "llm-mdp bench " + " ".join(shlex.quote(a) for a in argv)
-    res = run_bench(sections, budget, device=args.device, threads=args.threads)
+    runs = [run_bench(sections, budget, device=args.device, threads=args.threads)]
+    for i in range(1, args.repeats):
+        print(f"--- repeat {i + 1} of {args.repeats}")
+        runs.append(run_bench(sections, budget, device=args.device, threads=args.threads))
+    res = runs[0] if len(runs) == 1 else dict(runs[0], repeats=runs[1:])
     print()
     print(header(res))
     print(format_table(summary_rows(res)))
@@ -484,7 +524,7 @@ def run_cli(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print()
         print(format_memory(res["memory"]))
     paths = write_outputs(res, out, command)
-    total = sum(res["seconds"].values())
+    total = sum(sum(r["seconds"].values()) for r in runs)
     print(f"\n{total:.0f} s; wrote " + ", ".join(str(p) for p in paths))
     nu = res.get("numerics") or {}
     return 1 if ("passed" in nu and not nu["passed"]) else 0

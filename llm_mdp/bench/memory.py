@@ -140,19 +140,30 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(int(spec.get("threads", 1)))
     device = resolve_device(spec.get("device", "cpu"))
-    vocab, batch, length = int(spec["vocab"]), int(spec["batch"]), int(spec["length"])
-    model_size = (int(spec["model"][0]), int(spec["model"][1]))
-    task = wide_task(vocab, n_prompts=64, new_tokens=length, reward="target")
-    env = LLMTokenVectorEnv(task, batch, device=device, info_text=False)
-    model = bench_model(
-        vocab,
-        model_size,
-        max_positions=env.W + 8,
-        pad_token_id=env.pad_token_id,
-        eos_token_id=env.eos_token_id,
-        device=device,
-    )
-    policy = CausalLMPolicy(model, task.tokenizer, seed=0, chunked_head=spec.get("chunked_head"))
+    batch, length = int(spec["batch"]), int(spec["length"])
+    chunked = spec.get("chunked_head")
+    if spec["model"] == "smollm2":  # SmolLM2-135M-Instruct on its chat task (offline)
+        from llm_mdp.models import load_smollm2
+        from llm_mdp.tasks.chat import chat_keyword_task
+
+        model, tok = load_smollm2()
+        model.to(device)
+        task = chat_keyword_task(tokenizer=tok, max_response_tokens=length)
+        env = LLMTokenVectorEnv(task, batch, device=device, info_text=False)
+        policy = CausalLMPolicy(model, tok, vocab_size=len(tok), seed=0, chunked_head=chunked)
+    else:
+        vocab, model_size = int(spec["vocab"]), (int(spec["model"][0]), int(spec["model"][1]))
+        task = wide_task(vocab, n_prompts=64, new_tokens=length, reward="target")
+        env = LLMTokenVectorEnv(task, batch, device=device, info_text=False)
+        model = bench_model(
+            vocab,
+            model_size,
+            max_positions=env.W + 8,
+            pad_token_id=env.pad_token_id,
+            eos_token_id=env.eos_token_id,
+            device=device,
+        )
+        policy = CausalLMPolicy(model, task.tokenizer, seed=0, chunked_head=chunked)
     cls = get_agent(spec["agent"])
     config = cls.config_class.from_dict(dict(spec.get("config") or {}))
     _warm_up(policy, env)

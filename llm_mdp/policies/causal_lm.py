@@ -571,10 +571,13 @@ class CausalLMPolicy(TeacherForced, nn.Module):
         """Token log-probs (and entropy) of ``(B, R, H)`` hidden states through the LM head."""
         head = hf.lm_head(self.model)
         assert isinstance(head, nn.Linear)
+        weight, bias, V = head.weight, head.bias, self._vocab_size
+        if V < weight.shape[0]:  # a slice's backward allocates a zero (rows, H) gradient
+            weight, bias = weight[:V], None if bias is None else bias[:V]
         return head_token_log_probs(
             hidden,
-            head.weight[: self._vocab_size],
-            None if head.bias is None else head.bias[: self._vocab_size],
+            weight,
+            bias,
             targets,
             resp_mask,
             temperature=self.temperature,
