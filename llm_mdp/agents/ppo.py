@@ -195,7 +195,8 @@ class PPO(Agent):
         if cfg.critic == "shared":
             if not hasattr(policy, "log_probs_and_hidden"):
                 raise TypeError(
-                    "critic='shared' needs a policy with log_probs_and_hidden "
+                    "critic='shared' needs a policy with log_probs_and_hidden and "
+                    "response_hidden "
                     f"(CausalLMPolicy); got {type(policy).__name__}"
                 )
             return SharedValueHead(hf.hidden_size(policy.model)).eval()
@@ -209,7 +210,7 @@ class PPO(Agent):
         """``(B, R)`` ``V(s_t)`` of the response positions, without gradient."""
         if not isinstance(self.critic, SharedValueHead):
             return self.critic(batch.input_ids, batch.attention_mask, batch.prompt_width)
-        _, _, hidden = self.policy.log_probs_and_hidden(  # type: ignore[attr-defined]
+        hidden = self.policy.response_hidden(  # type: ignore[attr-defined]
             batch.input_ids, batch.attention_mask, batch.prompt_width
         )
         return self.critic(hidden, batch.response_mask.to(hidden.device))

@@ -511,53 +511,61 @@ class CausalLMPolicy(TeacherForced, nn.Module):
         *,
         with_entropy: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """:meth:`response_log_probs` and the trunk's last hidden states, from one forward.
+        """:meth:`response_log_probs` and :meth:`response_hidden` from one trunk forward.
 
-        For a value head on the policy's own trunk (PPO's ``critic="shared"``): the
-        hidden state at column ``j`` is the one that predicts response token ``j``, i.e.
-        it encodes the state ``s_j`` (prompt + the first ``j`` response tokens). The
+        For a value head on the policy's own trunk (PPO's ``critic="shared"``). The
         log-probs are the same function of the weights as :meth:`response_log_probs`
-        (trunk + LM head, chunked by the same rule), so a value loss on the hidden
-        states changes them only through the trunk's weights.
+        (trunk + LM head, chunked by the same rule), so a loss on the hidden states
+        changes them only through the trunk's weights.
 
         Returns:
-            ``(logp, entropy, hidden)``: ``(B, W - P)`` log-probs, the entropy or
-            ``None`` (as :meth:`response_log_probs`), and ``(B, W - P, H)`` hidden states,
-            all differentiable.
-
-        Raises:
-            ValueError: the model has no separate trunk and linear LM head that
-                reproduce its logits (a scaled or soft-capped head).
+            ``(logp, entropy, hidden)``: ``(B, W - P)`` log-probs, the entropy or ``None``
+            (as :meth:`response_log_probs`) and the ``(B, W - P, H)`` hidden states.
         """
-        check_layout(input_ids, attention_mask, prompt_width)
+        hidden = self.response_hidden(input_ids, attention_mask, prompt_width)
         dev = self.device
-        ids = input_ids.to(dev).long()
-        mask = attention_mask.to(dev).long()
-        resp_w = ids.shape[1] - prompt_width
-        pos = (mask.cumsum(1) - 1).clamp_(min=0)
-        inputs = (ids[:, :-1].masked_fill(mask[:, :-1] == 0, 0), mask[:, :-1], pos[:, :-1])
-        if self._head_ok is None and resp_w > 0:
-            self._head_ok = self._check_head(inputs)
-        if resp_w > 0 and not self._head_ok:
-            raise ValueError(
-                f"{type(self.model).__name__}: the LM head applied to the trunk's last hidden "
-                "state does not reproduce the model's logits, so log-probs and hidden states "
-                "cannot come from one trunk forward"
-            )
+        ids, mask = input_ids.to(dev).long(), attention_mask.to(dev).long()
+        B, resp_w = hidden.shape[:2]
         if resp_w == 0:
-            B, H = ids.shape[0], hf.hidden_size(self.model)
             empty = ids.new_zeros((B, 0), dtype=torch.float32)
-            hidden0 = torch.zeros(B, 0, H, device=dev)
-            return empty, (empty.clone() if with_entropy else None), hidden0
-        hidden = self._hidden(*inputs)[:, -resp_w:]
+            return empty, (empty.clone() if with_entropy else None), hidden
         chunked = self.chunked_head is True or (
             self.chunked_head is None
-            and ids.shape[0] * resp_w * self._vocab_size >= self.CHUNKED_HEAD_MIN_ELEMENTS
+            and B * resp_w * self._vocab_size >= self.CHUNKED_HEAD_MIN_ELEMENTS
         )
         logp, ent = self._head_log_probs(
             hidden, ids[:, prompt_width:], mask[:, prompt_width:], with_entropy, chunked=chunked
         )
         return logp, ent, hidden
+
+    def response_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int
+    ) -> torch.Tensor:
+        """``(B, W - P, H)`` the trunk's last hidden states that predict the response tokens:
+        column ``j`` encodes the state ``s_j`` (prompt + the first ``j`` response tokens).
+
+        Raises:
+            ValueError: the model has no separate trunk and linear LM head that reproduce
+                its logits (a scaled or soft-capped head), so its hidden states are not
+                the LM head's input.
+        """
+        check_layout(input_ids, attention_mask, prompt_width)
+        dev = self.device
+        ids, mask = input_ids.to(dev).long(), attention_mask.to(dev).long()
+        resp_w = ids.shape[1] - prompt_width
+        if resp_w == 0:
+            return torch.zeros(ids.shape[0], 0, hf.hidden_size(self.model), device=dev)
+        pos = (mask.cumsum(1) - 1).clamp_(min=0)
+        inputs = (ids[:, :-1].masked_fill(mask[:, :-1] == 0, 0), mask[:, :-1], pos[:, :-1])
+        if self._head_ok is None:
+            self._head_ok = self._check_head(inputs)
+        if not self._head_ok:
+            raise ValueError(
+                f"{type(self.model).__name__}: the LM head applied to the trunk's last hidden "
+                "state does not reproduce the model's logits, so the trunk's hidden states "
+                "are not the policy's features"
+            )
+        return self._hidden(*inputs)[:, -resp_w:]
 
     def _head_log_probs(
         self,
@@ -571,8 +579,10 @@ class CausalLMPolicy(TeacherForced, nn.Module):
         """Token log-probs (and entropy) of ``(B, R, H)`` hidden states through the LM head."""
         head = hf.lm_head(self.model)
         assert isinstance(head, nn.Linear)
-        weight, bias, V = head.weight, head.bias, self._vocab_size
-        if V < weight.shape[0]:  # a slice's backward allocates a zero (rows, H) gradient
+        weight: torch.Tensor = head.weight
+        bias: torch.Tensor | None = head.bias
+        V = self._vocab_size
+        if weight.shape[0] > V:  # a slice's backward allocates a zero (rows, H) gradient
             weight, bias = weight[:V], None if bias is None else bias[:V]
         return head_token_log_probs(
             hidden,
