@@ -86,16 +86,22 @@ def run_bench(
     device: str = "auto",
     threads: int = 1,
     log: Any = print,
+    partial: Path | None = None,
 ) -> dict[str, Any]:
-    """Run ``sections`` under a budget; returns everything measured (JSON-serialisable)."""
+    """Run ``sections`` under a budget; returns everything measured (JSON-serialisable).
+
+    With ``partial``, what has been measured so far is written there as JSON after each
+    section (an interrupted run keeps its finished sections)."""
     from llm_mdp.bench.common import BUDGETS, quiet
     from llm_mdp.utils import resolve_device
 
     with quiet():
-        return _run(sections, BUDGETS[budget_name], resolve_device(device), threads, log)
+        return _run(sections, BUDGETS[budget_name], resolve_device(device), threads, log, partial)
 
 
-def _run(sections: Sequence[str], b: Any, dev: Any, threads: int, log: Any) -> dict[str, Any]:
+def _run(
+    sections: Sequence[str], b: Any, dev: Any, threads: int, log: Any, partial: Path | None
+) -> dict[str, Any]:
     import torch
 
     from llm_mdp.bench.common import machine, versions
@@ -208,6 +214,9 @@ def _run(sections: Sequence[str], b: Any, dev: Any, threads: int, log: Any) -> d
                 num_envs=b.critics_num_envs, updates=b.critics_updates, device=dev, log=log
             )
         res["seconds"][section] = time.perf_counter() - t0
+        if partial is not None:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(res, indent=2, default=str))
     return res
 
 
@@ -505,10 +514,13 @@ def run_cli(args: argparse.Namespace, argv: Sequence[str]) -> int:
     budget = "tiny" if args.tiny else "quick" if args.quick else "full"
     out = args.out or Path(f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}-{budget}")
     command = "llm-mdp bench " + " ".join(shlex.quote(a) for a in argv)
-    runs = [run_bench(sections, budget, device=args.device, threads=args.threads)]
-    for i in range(1, args.repeats):
-        print(f"--- repeat {i + 1} of {args.repeats}")
-        runs.append(run_bench(sections, budget, device=args.device, threads=args.threads))
+    runs: list[dict[str, Any]] = []
+    for i in range(args.repeats):
+        if i:
+            print(f"--- repeat {i + 1} of {args.repeats}")
+        partial = out / f"partial-{i + 1}.json"
+        runs.append(run_bench(sections, budget, args.device, args.threads, partial=partial))
+        partial.unlink(missing_ok=True)
     res = runs[0] if len(runs) == 1 else dict(runs[0], repeats=runs[1:])
     print()
     print(header(res))
