@@ -48,6 +48,14 @@ def test_bench_cli_tiny_runs_every_section(
     assert tr["trepo"]["decoded_per_update"] > tr["grpo"]["decoded_per_update"] > 0
     assert tr["ratio_min"] <= tr["ratio"] <= tr["ratio_max"]
 
+    cr = res["critics"]["setups"]  # PPO's critics beside GRPO and TRePO, same task and seed
+    assert set(cr) == {"grpo", "trepo", "ppo-copy", "ppo-shared", "ppo-small"}
+    n = {k: v["trainable_params"] for k, v in cr.items()}
+    assert n["grpo"] == n["trepo"] < n["ppo-shared"] < n["ppo-small"] < n["ppo-copy"]
+    # tied GPT-2: the policy is its trunk; shared adds a value head, copy a trunk + value head
+    assert n["ppo-shared"] - n["grpo"] == n["ppo-copy"] - 2 * n["grpo"] == 65  # H + 1
+    assert all(0.0 <= v["final_batch_reward"] <= 1.0 for v in cr.values())
+
     curves = res["scaling"]["curves"]
     assert [p["batch"] for p in curves["batch"]] == [4, 8]
     assert [p["length"] for p in curves["length"]] == [2, 4]
