@@ -15,7 +15,8 @@ Critic (``PPOConfig.critic``), the three set-ups people use:
   policy. It costs a second model's weights, gradients and Adam state.
 - ``"shared"``: a linear value head on the policy's own trunk. One trunk forward in the
   loss gives both the log-probs and the values
-  (:meth:`~llm_mdp.policies.CausalLMPolicy.log_probs_and_hidden`); ``vf_coef`` is the
+  (:meth:`~llm_mdp.policies.CausalLMPolicy.log_probs_and_hidden`; the rollout's values
+  take one no-grad trunk pass without the LM head); ``vf_coef`` is the
   weight with which the value loss's gradient reaches the trunk, so the value regression
   moves the policy too. The reference model (a frozen copy of the policy made before the
   head exists) and the KL are unchanged: the KL still compares the policy's log-probs,
@@ -196,8 +197,7 @@ class PPO(Agent):
             if not hasattr(policy, "log_probs_and_hidden"):
                 raise TypeError(
                     "critic='shared' needs a policy with log_probs_and_hidden and "
-                    "response_hidden "
-                    f"(CausalLMPolicy); got {type(policy).__name__}"
+                    f"response_hidden (CausalLMPolicy); got {type(policy).__name__}"
                 )
             return SharedValueHead(hf.hidden_size(policy.model)).eval()
         layers = None
