@@ -48,6 +48,14 @@ def test_bench_cli_tiny_runs_every_section(
     assert tr["trepo"]["decoded_per_update"] > tr["grpo"]["decoded_per_update"] > 0
     assert tr["ratio_min"] <= tr["ratio"] <= tr["ratio_max"]
 
+    cr = res["critics"]["setups"]  # PPO's critics beside GRPO and TRePO, same task and seed
+    assert set(cr) == {"grpo", "trepo", "ppo-copy", "ppo-shared", "ppo-small"}
+    n = {k: v["trainable_params"] for k, v in cr.items()}
+    assert n["grpo"] == n["trepo"] < n["ppo-shared"] < n["ppo-small"] < n["ppo-copy"]
+    # tied GPT-2: the policy is its trunk; shared adds a value head, copy a trunk + value head
+    assert n["ppo-shared"] - n["grpo"] == n["ppo-copy"] - 2 * n["grpo"] == 65  # H + 1
+    assert all(0.0 <= v["final_batch_reward"] <= 1.0 for v in cr.values())
+
     curves = res["scaling"]["curves"]
     assert [p["batch"] for p in curves["batch"]] == [4, 8]
     assert [p["length"] for p in curves["length"]] == [2, 4]
@@ -127,3 +135,19 @@ def test_summary_reports_skipped_trl_sections() -> None:
 def test_bench_cli_rejects_cuda_without_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench_cli(["--tiny", "--device", "cuda"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_repeats_give_each_ratio_its_run_to_run_spread() -> None:
+    def run(ratio: float) -> dict[str, object]:
+        agent = {
+            "step_s": 0.1,
+            "encoded_per_update": 10,
+            "decoded_per_update": 20,
+            "episodes_per_update": 8,
+        }
+        tr = {"settings": {"num_envs": 8}, "grpo": agent, "trepo": agent}
+        return {"trepo": tr | {"ratio": ratio, "ratio_min": ratio, "ratio_max": ratio}}
+
+    rows = summary_rows(dict(run(2.0), repeats=[run(2.5), run(1.25)]))
+    assert rows[0][3] == "2.00x (2.00-2.00) [runs: 2.00 (1.25-2.50)]"
+    assert summary_rows(run(2.0))[0][3] == "2.00x (2.00-2.00)"  # one run: no spread

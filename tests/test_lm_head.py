@@ -151,7 +151,7 @@ def test_chunked_head_default_threshold(monkeypatch):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("llm_mdp.policies.causal_lm.chunked_token_log_probs", spy)
+    monkeypatch.setattr("llm_mdp.policies.lm_head.chunked_token_log_probs", spy)
     with torch.no_grad():
         small = pol.log_probs(ids, mask, P)
         assert calls == []
@@ -159,3 +159,26 @@ def test_chunked_head_default_threshold(monkeypatch):
         big = pol.log_probs(ids, mask, P)
     assert calls == [1]
     torch.testing.assert_close(big, small, atol=1e-5, rtol=0)
+
+
+def test_chunked_head_equals_dense_on_a_cut_head(monkeypatch):
+    """``vocab_size`` below the LM head's rows (padded embeddings): the head is sliced, and
+    the gradient of the cut rows is zero on both paths."""
+    monkeypatch.setattr("llm_mdp.policies.lm_head.CHUNK_ELEMENTS", VOCAB * 3)
+    model = tiny_llama(VOCAB, n_embd=32, n_head=4, seed=1, init_std=0.3, tie_word_embeddings=False)
+    V = VOCAB - 20
+    ids, mask = _batch()
+    ids = ids % V
+    out = {}
+    for chunked in (False, True):
+        pol = CausalLMPolicy(copy.deepcopy(model), vocab_size=V, seed=0, chunked_head=chunked)
+        logp = pol.log_probs(ids, mask, P)
+        (logp * torch.linspace(-1.0, 2.0, R)).sum().backward()
+        out[chunked] = (logp.detach(), _grads(pol))
+    (lp_d, g_d), (lp_c, g_c) = out[False], out[True]
+    torch.testing.assert_close(lp_c, lp_d, atol=1e-5, rtol=0)
+    assert g_c.keys() == g_d.keys()
+    for name in g_d:
+        torch.testing.assert_close(g_c[name], g_d[name], atol=1e-5, rtol=1e-4, msg=name)
+    head = "model.lm_head.weight"
+    assert g_c[head][V:].abs().max() == 0 and g_c[head][:V].abs().max() > 0

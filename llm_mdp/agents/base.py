@@ -174,6 +174,16 @@ class Agent:
         """An additional loss term on a micro-batch (PPO's value loss); default none."""
         return torch.zeros((), device=self.device), {}
 
+    def policy_log_probs(
+        self, mb: Rollout, with_entropy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The loss's ``(B, L)`` log-probs with gradient (and the entropy when asked);
+        PPO's shared critic takes the trunk's hidden states from the same forward."""
+        ids, attn, P = mb.input_ids, mb.attention_mask, mb.prompt_width
+        if with_entropy:
+            return self.policy.log_probs_and_entropy(ids, attn, P)
+        return self.policy.log_probs(ids, attn, P), None
+
     def episodes_run(self) -> int:
         """Episodes this agent's envs have ended so far (compute accounting); an agent
         that runs episodes in envs of its own adds them."""
@@ -394,12 +404,8 @@ class Agent:
         """The micro-batch's share of the minibatch loss (normalized by global ``counts``)."""
         cfg = self.config
         mask = mb.response_mask
-        ids, attn, P = mb.input_ids, mb.attention_mask, mb.prompt_width
-        entropy: torch.Tensor | None = None
-        if cfg.entropy_coef:  # the exact entropy costs a (B, L, V) pass with gradient
-            logp, entropy = self.policy.log_probs_and_entropy(ids, attn, P)
-        else:
-            logp = self.policy.log_probs(ids, attn, P)
+        # the exact entropy costs a (B, L, V) pass with gradient: only when in the loss
+        logp, entropy = self.policy_log_probs(mb, with_entropy=bool(cfg.entropy_coef))
 
         def agg(x: torch.Tensor, mode: str = cfg.aggregation) -> torch.Tensor:
             return est.aggregate(x, mask, mode, **counts)

@@ -53,10 +53,11 @@ class TRePOConfig(AgentConfig):
         value_estimates: ``"shared"`` (adjacent anchors reuse a value) or ``"fresh"``
             (the two terms of each ``A_t`` come from independent rollouts).
         value_batch_size: most env rows per batch of value rollouts (default: as many as
-            keep one step's logits within 64 MiB of float32, at least ``num_envs *
-            rollouts_per_prefix``; a small vocabulary runs all of an update's value
-            rollouts in one batch). Changes speed and memory, not the estimates: every
-            value rollout draws from its own random stream.
+            keep one step's logits within 16 MiB of float32, at least ``num_envs``, so at
+            a 50k vocabulary a value batch is about the main rollout's size and TRePO's
+            peak memory GRPO's; a small vocabulary runs all of an update's value rollouts
+            in one batch). Changes speed and memory, not the estimates: every value
+            rollout draws from its own random stream.
     """
 
     group_size: int = 4
@@ -94,8 +95,7 @@ class TRePO(Agent):
     @property
     def default_value_batch_size(self) -> int:
         """Rows per value-rollout batch when ``value_batch_size`` is None (see there)."""
-        floor = self.env.num_envs * self.config.rollouts_per_prefix
-        return max(floor, (1 << 24) // self.env.vocab_size)
+        return max(self.env.num_envs, (1 << 22) // self.env.vocab_size)
 
     def episodes_run(self) -> int:
         return super().episodes_run() + self.value_envs.episodes_finished

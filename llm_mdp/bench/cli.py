@@ -11,6 +11,9 @@ Sections (``--only`` picks some, comma-separated):
 * ``scaling``  seconds per update vs batch and response length (``scaling.png``)
 * ``trepo``    seconds per TRePO update over GRPO's on ``llm-mdp train``'s defaults, with
   the positions each encodes and decodes per update
+* ``critics``  PPO with each critic option (copy, shared trunk, small) beside GRPO and
+  TRePO: seconds per update and reward after the same updates (memory: the memory
+  section's ``critics`` variant)
 
 Budgets: default ``full``; ``--quick`` (CPU, under ~5 minutes); ``--tiny`` (seconds, for
 tests: the figures mean nothing). Writes ``results.json``, ``summary.md`` and
@@ -22,14 +25,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
+import statistics
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("rollout", "update", "numerics", "memory", "scaling", "trepo")
+SECTIONS = ("rollout", "update", "numerics", "memory", "scaling", "trepo", "critics")
 
 
 DESCRIPTION = (
@@ -61,6 +66,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run the sections this many times; the table gives each ratio's median over "
+        "the runs and its min-max (the run-to-run spread); default 1",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -74,16 +86,22 @@ def run_bench(
     device: str = "auto",
     threads: int = 1,
     log: Any = print,
+    partial: Path | None = None,
 ) -> dict[str, Any]:
-    """Run ``sections`` under a budget; returns everything measured (JSON-serialisable)."""
+    """Run ``sections`` under a budget; returns everything measured (JSON-serialisable).
+
+    With ``partial``, what has been measured so far is written there as JSON after each
+    section (an interrupted run keeps its finished sections)."""
     from llm_mdp.bench.common import BUDGETS, quiet
     from llm_mdp.utils import resolve_device
 
     with quiet():
-        return _run(sections, BUDGETS[budget_name], resolve_device(device), threads, log)
+        return _run(sections, BUDGETS[budget_name], resolve_device(device), threads, log, partial)
 
 
-def _run(sections: Sequence[str], b: Any, dev: Any, threads: int, log: Any) -> dict[str, Any]:
+def _run(
+    sections: Sequence[str], b: Any, dev: Any, threads: int, log: Any, partial: Path | None
+) -> dict[str, Any]:
     import torch
 
     from llm_mdp.bench.common import machine, versions
@@ -189,7 +207,16 @@ def _run(sections: Sequence[str], b: Any, dev: Any, threads: int, log: Any) -> d
             res["trepo"] = bench_trepo_cost(
                 num_envs=b.trepo_num_envs, steps=b.trepo_steps, device=dev, log=log
             )
+        elif section == "critics":
+            from llm_mdp.bench.critics import bench_critics
+
+            res["critics"] = bench_critics(
+                num_envs=b.critics_num_envs, updates=b.critics_updates, device=dev, log=log
+            )
         res["seconds"][section] = time.perf_counter() - t0
+        if partial is not None:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(res, indent=2, default=str))
     return res
 
 
@@ -204,8 +231,32 @@ def _faster(peer_over_ours: float) -> str:
     return f"{1 / peer_over_ours:.2f}x slower"
 
 
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+
+
 def summary_rows(res: dict[str, Any]) -> list[list[str]]:
-    """The ratio table: one row per figure, ``[what, ours, peer, ratio, goal]``."""
+    """The ratio table: one row per figure, ``[what, ours, peer, ratio, goal]``.
+
+    With repeated runs (``res["repeats"]``, from ``--repeats``) the figures are the first
+    run's and the ratio cell adds the median and min-max of its leading number over all
+    runs, e.g. ``1.08x faster [runs: 1.06 (1.02-1.08)]``.
+    """
+    rows = _rows_of_one_run(res)
+    others = [_rows_of_one_run(r) for r in res.get("repeats", [])]
+    if not others:
+        return rows
+    for i, row in enumerate(rows):
+        values = [_NUMBER.search(row[3])]
+        values += [
+            _NUMBER.search(o[i][3]) if i < len(o) and o[i][0] == row[0] else None for o in others
+        ]
+        nums = [float(m.group()) for m in values if m is not None]
+        if len(nums) == len(values) and len(nums) > 1:
+            row[3] += f" [runs: {statistics.median(nums):.2f} ({min(nums):.2f}-{max(nums):.2f})]"
+    return rows
+
+
+def _rows_of_one_run(res: dict[str, Any]) -> list[list[str]]:
     rows: list[list[str]] = []
     for r in res.get("rollout", []):
         goal = ">= 2" if r["vocab"] >= 50000 else ">= 1.0"
@@ -286,11 +337,12 @@ def summary_rows(res: dict[str, Any]) -> list[list[str]]:
                 continue
             goal = "<= 1.1" if r["agent"] == "trepo" else ""
             cuda = f", cuda {r['cuda_ratio_to_grpo']:.2f}x" if "cuda_ratio_to_grpo" in r else ""
+            name = {"ppo": "PPO", "trepo": "TRePO"}.get(r["agent"], r["agent"])
             rows.append(
                 _row(
-                    f"peak memory {r['agent'].upper() if r['agent'] == 'ppo' else 'TRePO'}/GRPO ({r['variant']})",
+                    f"peak memory {name}/GRPO ({r['variant']})",
                     f"+{r['delta_mb']:.0f} MB",
-                    f"+{next(g['delta_mb'] for g in mem['rows'] if g['agent'] == 'grpo' and g['variant'] == r['variant']):.0f} MB (GRPO)",
+                    f"+{r['grpo_delta_mb']:.0f} MB (GRPO)",
                     f"{r['ratio_to_grpo']:.2f}x{cuda}",
                     goal,
                 )
@@ -329,6 +381,21 @@ def summary_rows(res: dict[str, Any]) -> list[list[str]]:
                 f"{t['episodes_per_update']:,.0f} / {g['episodes_per_update']:,.0f} episodes",
             )
         )
+    cr = res.get("critics")
+    if cr:
+        st, sets = cr["settings"], cr["setups"]
+        for label, r in sets.items():
+            rows.append(
+                _row(
+                    f"{label}: s/update, reward after {st['updates']} updates "
+                    f"(train defaults, B {st['num_envs']})",
+                    f"{r['step_s']:.3f} s, batch {r['final_batch_reward']:.3f}, "
+                    f"greedy {r['greedy_reward']:.3f}",
+                    f"{sets['trepo']['step_s']:.3f} s, {sets['trepo']['final_batch_reward']:.3f}"
+                    " (TRePO)",
+                    f"{r['time_over_grpo']:.2f}x GRPO time",
+                )
+            )
     sc = res.get("scaling")
     if sc:
         for axis in ("batch", "length"):
@@ -428,6 +495,9 @@ def run_cli(args: argparse.Namespace, argv: Sequence[str]) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.repeats < 1:
+        print(f"llm-mdp bench: error: --repeats {args.repeats}, expected >= 1", file=sys.stderr)
+        return 2
     if args.threads < 1:
         print(f"llm-mdp bench: error: --threads {args.threads}, expected >= 1", file=sys.stderr)
         return 2
@@ -444,7 +514,14 @@ def run_cli(args: argparse.Namespace, argv: Sequence[str]) -> int:
     budget = "tiny" if args.tiny else "quick" if args.quick else "full"
     out = args.out or Path(f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}-{budget}")
     command = "llm-mdp bench " + " ".join(shlex.quote(a) for a in argv)
-    res = run_bench(sections, budget, device=args.device, threads=args.threads)
+    runs: list[dict[str, Any]] = []
+    for i in range(args.repeats):
+        if i:
+            print(f"--- repeat {i + 1} of {args.repeats}")
+        partial = out / f"partial-{i + 1}.json"
+        runs.append(run_bench(sections, budget, args.device, args.threads, partial=partial))
+        partial.unlink(missing_ok=True)
+    res = runs[0] if len(runs) == 1 else dict(runs[0], repeats=runs[1:])
     print()
     print(header(res))
     print(format_table(summary_rows(res)))
@@ -459,7 +536,7 @@ def run_cli(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print()
         print(format_memory(res["memory"]))
     paths = write_outputs(res, out, command)
-    total = sum(res["seconds"].values())
+    total = sum(sum(r["seconds"].values()) for r in runs)
     print(f"\n{total:.0f} s; wrote " + ", ".join(str(p) for p in paths))
     nu = res.get("numerics") or {}
     return 1 if ("passed" in nu and not nu["passed"]) else 0

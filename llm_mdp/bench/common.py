@@ -41,7 +41,7 @@ class Budget:
         memory_vocab, memory_model, memory_batch, memory_length: the one model and batch
             every agent is measured on (fresh process each).
         memory_steps: updates per agent (2: the second runs with Adam's moments alive).
-        memory_variants: among ``defaults``, ``all-with-reference``, ``dense-head`` (see
+        memory_variants: among ``defaults``, ``all-with-reference``, ``dense-head``, ``critics`` (see
             ``memory``).
         scaling_batches, scaling_lengths: the two axes of the scaling curve.
         scaling_fixed_batch, scaling_fixed_length: the other coordinate of each axis.
@@ -49,6 +49,8 @@ class Budget:
         scaling_trl: also time TRL at every scaling point.
         trepo_num_envs, trepo_steps: batch and interleaved updates of the TRePO-vs-GRPO
             cost section (the first pair is warm-up).
+        critics_num_envs, critics_updates: batch and updates of every set-up in the
+            critics section (PPO's critic options, GRPO, TRePO).
     """
 
     name: str
@@ -71,7 +73,7 @@ class Budget:
     memory_batch: int = 32
     memory_length: int = 32
     memory_steps: int = 2
-    memory_variants: tuple[str, ...] = ("defaults", "all-with-reference", "dense-head")
+    memory_variants: tuple[str, ...] = ("defaults", "all-with-reference", "dense-head", "critics")
     scaling_batches: tuple[int, ...] = (16, 32, 64, 128, 256)
     scaling_lengths: tuple[int, ...] = (8, 16, 32, 64, 128)
     scaling_fixed_batch: int = 64
@@ -80,6 +82,8 @@ class Budget:
     scaling_trl: bool = True
     trepo_num_envs: int = 64
     trepo_steps: int = 11
+    critics_num_envs: int = 64
+    critics_updates: int = 40
 
 
 BUDGETS: dict[str, Budget] = {
@@ -99,6 +103,7 @@ BUDGETS: dict[str, Budget] = {
         scaling_fixed_length=16,
         scaling_steps=3,
         trepo_steps=6,
+        critics_updates=15,
     ),
     "tiny": Budget(
         "tiny",
@@ -129,6 +134,8 @@ BUDGETS: dict[str, Budget] = {
         scaling_trl=False,
         trepo_num_envs=8,
         trepo_steps=2,
+        critics_num_envs=8,
+        critics_updates=2,
     ),
 }
 

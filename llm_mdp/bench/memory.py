@@ -140,19 +140,30 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(int(spec.get("threads", 1)))
     device = resolve_device(spec.get("device", "cpu"))
-    vocab, batch, length = int(spec["vocab"]), int(spec["batch"]), int(spec["length"])
-    model_size = (int(spec["model"][0]), int(spec["model"][1]))
-    task = wide_task(vocab, n_prompts=64, new_tokens=length, reward="target")
-    env = LLMTokenVectorEnv(task, batch, device=device, info_text=False)
-    model = bench_model(
-        vocab,
-        model_size,
-        max_positions=env.W + 8,
-        pad_token_id=env.pad_token_id,
-        eos_token_id=env.eos_token_id,
-        device=device,
-    )
-    policy = CausalLMPolicy(model, task.tokenizer, seed=0, chunked_head=spec.get("chunked_head"))
+    batch, length = int(spec["batch"]), int(spec["length"])
+    chunked = spec.get("chunked_head")
+    if spec["model"] == "smollm2":  # SmolLM2-135M-Instruct on its chat task (offline)
+        from llm_mdp.models import load_smollm2
+        from llm_mdp.tasks.chat import chat_keyword_task
+
+        model, tok = load_smollm2()
+        model.to(device)
+        task = chat_keyword_task(tokenizer=tok, max_response_tokens=length)
+        env = LLMTokenVectorEnv(task, batch, device=device, info_text=False)
+        policy = CausalLMPolicy(model, tok, vocab_size=len(tok), seed=0, chunked_head=chunked)
+    else:
+        vocab, model_size = int(spec["vocab"]), (int(spec["model"][0]), int(spec["model"][1]))
+        task = wide_task(vocab, n_prompts=64, new_tokens=length, reward="target")
+        env = LLMTokenVectorEnv(task, batch, device=device, info_text=False)
+        model = bench_model(
+            vocab,
+            model_size,
+            max_positions=env.W + 8,
+            pad_token_id=env.pad_token_id,
+            eos_token_id=env.eos_token_id,
+            device=device,
+        )
+        policy = CausalLMPolicy(model, task.tokenizer, seed=0, chunked_head=chunked)
     cls = get_agent(spec["agent"])
     config = cls.config_class.from_dict(dict(spec.get("config") or {}))
     _warm_up(policy, env)
@@ -233,7 +244,13 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "all-with-reference": {"ppo": {}, "grpo": {}, "trepo": {"kl_coef": 0.04}},
     # each agent's defaults with the dense (B, R, V) logits instead of the chunked LM head
     "dense-head": {"ppo": {}, "grpo": {}, "trepo": {}},
+    # PPO's other critics (``PPOConfig.critic``), against the ``defaults`` GRPO row
+    "critics": {
+        "ppo-shared": {"agent": "ppo", "critic": "shared"},
+        "ppo-small": {"agent": "ppo", "critic": "small"},
+    },
 }
+"""Variant -> label -> config fields (``"agent"`` names the agent when the label does not)."""
 
 
 def bench_memory(
@@ -250,11 +267,13 @@ def bench_memory(
 ) -> dict[str, Any]:
     """Every agent of every variant in its own process; ratios to GRPO per variant."""
     rows = []
+    grpo_of: dict[str, dict[str, Any]] = {}
     for variant in variants:
         by_agent = {}
-        for agent, config in VARIANTS[variant].items():
+        for label, fields in VARIANTS[variant].items():
+            config = {k: v for k, v in fields.items() if k != "agent"}
             spec = {
-                "agent": agent,
+                "agent": fields.get("agent", label),
                 "variant": variant,
                 "config": config,
                 "vocab": vocab,
@@ -267,13 +286,18 @@ def bench_memory(
                 "chunked_head": False if variant == "dense-head" else None,
             }
             r = measure_in_subprocess(spec)
-            by_agent[agent] = r
+            r["agent"] = label
+            by_agent[label] = r
             log(
-                f"  memory {variant:<18} {agent:<6} peak +{r['delta_mb']:8.1f} MB above the model "
+                f"  memory {variant:<18} {label:<10} peak +{r['delta_mb']:8.1f} MB above the model "
                 f"(state {r['state_mb']:.1f} MB, baseline {r['baseline_mb']:.0f} MB)"
             )
-        g = by_agent["grpo"]
+        grpo_of[variant] = by_agent.get("grpo") or grpo_of.get("defaults") or {}
+        g = grpo_of[variant]
+        if not g:
+            raise ValueError(f"memory variant {variant!r} needs a GRPO row (or 'defaults' first)")
         for r in by_agent.values():
+            r["grpo_delta_mb"] = g["delta_mb"]
             r["ratio_to_grpo"] = (
                 r["delta_mb"] / g["delta_mb"] if g["delta_mb"] > 0 else float("nan")
             )
@@ -296,12 +320,12 @@ def bench_memory(
 
 def format_memory(res: dict[str, Any]) -> str:
     lines = [
-        "variant             agent   ref critic  peak above model   x GRPO   state MB   peak RSS   x GRPO"
+        "variant             agent       ref critic  peak above model   x GRPO   state MB   peak RSS   x GRPO"
     ]
     for r in res["rows"]:
         cuda = f"   cuda +{r['cuda_peak_mb']:.1f} MB" if "cuda_peak_mb" in r else ""
         lines.append(
-            f"{r['variant']:<19} {r['agent']:<6} {'yes' if r['reference_model'] else 'no':>4} "
+            f"{r['variant']:<19} {r['agent']:<10} {'yes' if r['reference_model'] else 'no':>4} "
             f"{'yes' if r['critic'] else 'no':>6} {r['delta_mb']:>13.1f} MB {r['ratio_to_grpo']:>7.2f}x "
             f"{r['state_mb']:>10.1f} {r['peak_mb']:>8.0f} MB {r['total_ratio_to_grpo']:>6.2f}x{cuda}"
         )

@@ -35,7 +35,7 @@ from .base import (
     left_compact,
     token_log_probs,
 )
-from .lm_head import chunked_token_log_probs
+from .lm_head import head_token_log_probs
 from .sampling import make_generator, sample_from_logits
 
 __all__ = ["CausalLMPolicy", "KVState"]
@@ -517,20 +517,7 @@ class CausalLMPolicy(TeacherForced, nn.Module):
         targets = ids[:, prompt_width:]
         if self._use_chunked_head(ids.shape[0] * resp_w, inputs):
             hidden = self._hidden(*inputs)[:, -resp_w:]
-            head = hf.lm_head(self.model)
-            assert isinstance(head, nn.Linear)
-            bias = None if head.bias is None else head.bias[: self._vocab_size]
-            logp, ent = chunked_token_log_probs(
-                hidden,
-                head.weight[: self._vocab_size],
-                bias,
-                targets,
-                resp_mask,
-                temperature=self.temperature,
-                illegal=self._illegal_mask(dev),
-                with_entropy=with_entropy,
-            )
-            return logp, ent
+            return self._head_log_probs(hidden, targets, resp_mask, with_entropy, chunked=True)
         # the last column is only a target: leave it out of the forward, and keep exactly
         # the R positions that predict the response (no (B, R+1, V) logits to slice)
         logits, _ = self._forward(*inputs, keep=resp_w, use_cache=False)
@@ -539,6 +526,99 @@ class CausalLMPolicy(TeacherForced, nn.Module):
         if self.temperature != 1.0:  # skip a (B, R, V) copy forward and backward at T = 1
             logits = logits / self.temperature  # (B, R, V); float64 models stay float64
         return token_log_probs(logits, targets, resp_mask, with_entropy)
+
+    def log_probs_and_hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt_width: int,
+        *,
+        with_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """:meth:`response_log_probs` and :meth:`response_hidden` from one trunk forward.
+
+        For a value head on the policy's own trunk (PPO's ``critic="shared"``). The
+        log-probs are the same function of the weights as :meth:`response_log_probs`
+        (trunk + LM head, chunked by the same rule), so a loss on the hidden states
+        changes them only through the trunk's weights.
+
+        Returns:
+            ``(logp, entropy, hidden)``: ``(B, W - P)`` log-probs, the entropy or ``None``
+            (as :meth:`response_log_probs`) and the ``(B, W - P, H)`` hidden states.
+        """
+        hidden = self.response_hidden(input_ids, attention_mask, prompt_width)
+        dev = self.device
+        ids, mask = input_ids.to(dev).long(), attention_mask.to(dev).long()
+        B, resp_w = hidden.shape[:2]
+        if resp_w == 0:
+            empty = ids.new_zeros((B, 0), dtype=torch.float32)
+            return empty, (empty.clone() if with_entropy else None), hidden
+        chunked = self.chunked_head is True or (
+            self.chunked_head is None
+            and B * resp_w * self._vocab_size >= self.CHUNKED_HEAD_MIN_ELEMENTS
+        )
+        logp, ent = self._head_log_probs(
+            hidden, ids[:, prompt_width:], mask[:, prompt_width:], with_entropy, chunked=chunked
+        )
+        return logp, ent, hidden
+
+    def response_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int
+    ) -> torch.Tensor:
+        """``(B, W - P, H)`` the trunk's last hidden states that predict the response tokens:
+        column ``j`` encodes the state ``s_j`` (prompt + the first ``j`` response tokens).
+
+        Raises:
+            ValueError: the model has no separate trunk and linear LM head that reproduce
+                its logits (a scaled or soft-capped head), so its hidden states are not
+                the LM head's input.
+        """
+        check_layout(input_ids, attention_mask, prompt_width)
+        dev = self.device
+        ids, mask = input_ids.to(dev).long(), attention_mask.to(dev).long()
+        resp_w = ids.shape[1] - prompt_width
+        if resp_w == 0:
+            return torch.zeros(ids.shape[0], 0, hf.hidden_size(self.model), device=dev)
+        pos = (mask.cumsum(1) - 1).clamp_(min=0)
+        inputs = (ids[:, :-1].masked_fill(mask[:, :-1] == 0, 0), mask[:, :-1], pos[:, :-1])
+        if self._head_ok is None:
+            self._head_ok = self._check_head(inputs)
+        if not self._head_ok:
+            raise ValueError(
+                f"{type(self.model).__name__}: the LM head applied to the trunk's last hidden "
+                "state does not reproduce the model's logits, so the trunk's hidden states "
+                "are not the policy's features"
+            )
+        return self._hidden(*inputs)[:, -resp_w:]
+
+    def _head_log_probs(
+        self,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        resp_mask: torch.Tensor,
+        with_entropy: bool,
+        *,
+        chunked: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token log-probs (and entropy) of ``(B, R, H)`` hidden states through the LM head."""
+        head = hf.lm_head(self.model)
+        assert isinstance(head, nn.Linear)
+        weight: torch.Tensor = head.weight
+        bias: torch.Tensor | None = head.bias
+        V = self._vocab_size
+        if weight.shape[0] > V:  # a slice's backward allocates a zero (rows, H) gradient
+            weight, bias = weight[:V], None if bias is None else bias[:V]
+        return head_token_log_probs(
+            hidden,
+            weight,
+            bias,
+            targets,
+            resp_mask,
+            temperature=self.temperature,
+            illegal=self._illegal_mask(hidden.device),
+            with_entropy=with_entropy,
+            chunked=chunked,
+        )
 
     def _hidden(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """``(B, W, H)`` last hidden states of the trunk (the LM head's input)."""

@@ -18,7 +18,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["CHUNK_ELEMENTS", "ChunkedTokenLogProbs", "chunked_token_log_probs"]
+from .base import token_log_probs
+
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "ChunkedTokenLogProbs",
+    "chunked_token_log_probs",
+    "head_token_log_probs",
+]
 
 CHUNK_ELEMENTS = 1 << 21
 """Logits per chunk (rows x vocabulary): 8 MiB in float32."""
@@ -175,3 +182,39 @@ def chunked_token_log_probs(
     if not with_entropy:
         return logp, None
     return logp, ent_n.new_zeros(B * R).index_copy(0, flat, ent_n).view(B, R)
+
+
+def head_token_log_probs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    resp_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    illegal: torch.Tensor | None = None,
+    with_entropy: bool = False,
+    chunked: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`chunked_token_log_probs`, or (``chunked=False``) the same numbers from dense
+    ``(B, R, V)`` logits ``hidden @ weight.T + bias`` (kept for backward). Same arguments
+    and returns as :func:`chunked_token_log_probs`."""
+    if chunked:
+        return chunked_token_log_probs(
+            hidden,
+            weight,
+            bias,
+            targets,
+            resp_mask,
+            temperature=temperature,
+            illegal=illegal,
+            with_entropy=with_entropy,
+        )
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    if illegal is not None:
+        logits = logits.masked_fill(illegal, float("-inf"))
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return token_log_probs(logits, targets, resp_mask, with_entropy)
