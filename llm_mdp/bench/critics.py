@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from llm_mdp.bench.trepo_cost import TINY_LR
+from llm_mdp.bench.trepo_cost import tiny_agent
 
 SETUPS: dict[str, tuple[str, dict[str, Any]]] = {
     "grpo": ("grpo", {}),
@@ -28,24 +28,6 @@ SETUPS: dict[str, tuple[str, dict[str, Any]]] = {
     "ppo-small": ("ppo", {"critic": "small"}),
 }
 """Label -> (agent, config fields besides seed and learning rate)."""
-
-
-def _agent(label: str, num_envs: int, seed: int, device: torch.device) -> Any:
-    from llm_mdp.agents import get_agent
-    from llm_mdp.envs import LLMTokenVectorEnv
-    from llm_mdp.policies import CausalLMPolicy, tiny_gpt2
-    from llm_mdp.tasks import make_task
-
-    name, fields = SETUPS[label]
-    env = LLMTokenVectorEnv(make_task("reverse", partial=True), num_envs, device=device)
-    model = tiny_gpt2(
-        env.vocab_size, seed=seed, pad_token_id=env.pad_token_id, eos_token_id=env.eos_token_id
-    )
-    policy = CausalLMPolicy(
-        model, env.tokenizer, vocab_size=env.vocab_size, seed=seed, device=device
-    )
-    cls = get_agent(name)
-    return cls(env, policy, cls.config_class(seed=seed, learning_rate=TINY_LR, **fields))
 
 
 def bench_critics(
@@ -65,7 +47,10 @@ def bench_critics(
         ``greedy_reward`` (greedy answers to every prompt after training), the initial
         greedy reward, trainable parameters and episodes per update.
     """
-    agents = {label: _agent(label, num_envs, seed, device) for label in SETUPS}
+    agents = {
+        label: tiny_agent(name, num_envs, seed, device, **fields)
+        for label, (name, fields) in SETUPS.items()
+    }
     initial = {label: a.evaluate(greedy=True) for label, a in agents.items()}
     seconds: dict[str, list[float]] = {label: [] for label in agents}
     rewards: dict[str, list[float]] = {label: [] for label in agents}

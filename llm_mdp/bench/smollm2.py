@@ -64,6 +64,7 @@ def bench_trepo_grpo(pairs: int) -> dict[str, Any]:
     from llm_mdp.agents import GRPO, TRePO
     from llm_mdp.agents.grpo import GRPOConfig
     from llm_mdp.agents.trepo import TRePOConfig
+    from llm_mdp.bench.trepo_cost import interleaved_updates
 
     agents: dict[str, Any] = {}
     for name, cls, cfg in (
@@ -78,19 +79,7 @@ def bench_trepo_grpo(pairs: int) -> dict[str, Any]:
     ):
         env, policy = _env_policy(8, 32)
         agents[name] = cls(env, policy, cfg)
-    seconds: dict[str, list[float]] = {n: [] for n in agents}
-    work: dict[str, list[tuple[int, int, int]]] = {n: [] for n in agents}
-    for step in range(pairs + 1):
-        for name, agent in agents.items():
-            pol = agent.policy
-            before = (pol.positions_encoded, pol.positions_decoded, agent.episodes)
-            t0 = time.perf_counter()
-            agent.train_step()
-            dt = time.perf_counter() - t0
-            after = (pol.positions_encoded, pol.positions_decoded, agent.episodes)
-            if step > 0:
-                seconds[name].append(dt)
-                work[name].append(tuple(b - a for a, b in zip(before, after, strict=True)))
+    seconds, work = interleaved_updates(agents, pairs + 1)
     ratios = [t / g for t, g in zip(seconds["trepo"], seconds["grpo"], strict=True)]
     out: dict[str, Any] = {
         "settings": "B 8, G 4, R 32, m 2, K 4, chat_keyword",

@@ -20,7 +20,9 @@ import torch
 TINY_LR = 2e-3  # the learning rate ``llm-mdp train`` uses for its tiny models
 
 
-def _agent(name: str, num_envs: int, seed: int, device: torch.device) -> Any:
+def tiny_agent(name: str, num_envs: int, seed: int, device: torch.device, **fields: Any) -> Any:
+    """Agent ``name`` on ``llm-mdp train``'s defaults (tiny GPT-2, partial-credit
+    ``reverse``, its learning rate), with config ``fields`` on top."""
     from llm_mdp.agents import get_agent
     from llm_mdp.envs import LLMTokenVectorEnv
     from llm_mdp.policies import CausalLMPolicy, tiny_gpt2
@@ -34,7 +36,33 @@ def _agent(name: str, num_envs: int, seed: int, device: torch.device) -> Any:
         model, env.tokenizer, vocab_size=env.vocab_size, seed=seed, device=device
     )
     cls = get_agent(name)
-    return cls(env, policy, cls.config_class(seed=seed, learning_rate=TINY_LR))
+    return cls(env, policy, cls.config_class(seed=seed, learning_rate=TINY_LR, **fields))
+
+
+def interleaved_updates(
+    agents: dict[str, Any], steps: int, *, warmup: int = 1
+) -> tuple[dict[str, list[float]], dict[str, list[tuple[int, ...]]]]:
+    """``steps`` rounds of one update per agent in turn (a noisy shared machine slows
+    all alike); the first ``warmup`` rounds are not recorded.
+
+    Returns:
+        per agent, the seconds of each recorded update and its work
+        ``(positions encoded, positions decoded, episodes)``.
+    """
+    seconds: dict[str, list[float]] = {name: [] for name in agents}
+    work: dict[str, list[tuple[int, ...]]] = {name: [] for name in agents}
+    for step in range(steps):
+        for name, agent in agents.items():
+            pol = agent.policy
+            before = (pol.positions_encoded, pol.positions_decoded, agent.episodes)
+            t0 = time.perf_counter()
+            agent.train_step()
+            dt = time.perf_counter() - t0
+            after = (pol.positions_encoded, pol.positions_decoded, agent.episodes)
+            if step >= warmup:
+                seconds[name].append(dt)
+                work[name].append(tuple(b - a for a, b in zip(before, after, strict=True)))
+    return seconds, work
 
 
 def bench_trepo_cost(
@@ -52,20 +80,8 @@ def bench_trepo_cost(
         episodes per update, the TRePO/GRPO time ratio (median of the per-pair ratios)
         with its min and max.
     """
-    agents = {name: _agent(name, num_envs, seed, device) for name in ("grpo", "trepo")}
-    seconds: dict[str, list[float]] = {name: [] for name in agents}
-    work: dict[str, list[tuple[int, int, int]]] = {name: [] for name in agents}
-    for step in range(steps):
-        for name, agent in agents.items():
-            pol = agent.policy
-            before = (pol.positions_encoded, pol.positions_decoded, agent.episodes)
-            t0 = time.perf_counter()
-            agent.train_step()
-            dt = time.perf_counter() - t0
-            after = (pol.positions_encoded, pol.positions_decoded, agent.episodes)
-            if step > 0 or steps == 1:
-                seconds[name].append(dt)
-                work[name].append(tuple(b - a for a, b in zip(before, after, strict=True)))
+    agents = {name: tiny_agent(name, num_envs, seed, device) for name in ("grpo", "trepo")}
+    seconds, work = interleaved_updates(agents, steps, warmup=0 if steps == 1 else 1)
     ratios = [t / g for t, g in zip(seconds["trepo"], seconds["grpo"], strict=True)]
     out: dict[str, Any] = {
         "settings": {
