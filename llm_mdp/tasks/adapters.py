@@ -78,7 +78,8 @@ def reasoning_gym_task(
 
     Args:
         dataset: a name from ``reasoning_gym.factory.DATASETS`` (e.g. ``"chain_sum"``).
-        size, seed: how many questions to generate, and the generator's seed.
+        size: how many questions to generate.
+        seed: the generator's seed.
         max_response_tokens: default: the longest reference answer plus EOS.
         tokenizer: default: one character per symbol of the questions and answers (and
             every digit), so a tiny model can play; else a pretrained model's tokenizer.
