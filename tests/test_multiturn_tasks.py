@@ -277,3 +277,23 @@ def test_calculator_in_the_env_tool_value_is_injected() -> None:
     assert bool(term[0]) and float(r[0]) == 1.0
     P = env.P
     assert obs["policy_mask"][0, P:].tolist()[:14] == [1] * 7 + [0] * 3 + [1] * 4
+
+
+def test_train_samples_show_who_said_what() -> None:
+    """``llm-mdp train``'s sample table splits a multi-turn response into turns."""
+    from llm_mdp.agents import GRPO, GRPOConfig
+    from llm_mdp.cli.train import sample_table
+    from llm_mdp.policies import CausalLMPolicy, tiny_gpt2
+
+    env = LLMTokenVectorEnv(make_task("guess_number"), 8)
+    policy = CausalLMPolicy(tiny_gpt2(env.vocab_size, seed=0), env.tokenizer)
+    agent = GRPO(env, policy, GRPOConfig(group_size=4, seed=0))
+    rows = sample_table(agent, n=3).splitlines()[1:]
+    assert len(rows) == 3
+    for row in rows:
+        segs = row.split(" -> ", 1)[1].rsplit(" reward ", 1)[0].split(" | ")
+        who = [s.split(":", 1)[0] for s in segs]
+        assert who[0] == "policy" and set(who) <= {"policy", "env"}
+        # turns alternate, and every env reply follows a policy turn that ended with EOS
+        assert all(who[k] != who[k + 1] for k in range(len(who) - 1))
+        assert all(segs[k].endswith("<eos>'") for k in range(len(who) - 1) if who[k] == "policy")

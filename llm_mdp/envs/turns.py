@@ -33,7 +33,7 @@ from llm_mdp.tasks.turns import ReplyOutcomes, TurnError, reply_after
 if TYPE_CHECKING:
     from llm_mdp.envs.vector_env import LLMTokenVectorEnv
 
-__all__ = ["answer_turns", "choose_outcome", "multi_turn_prefixes", "turn_segments"]
+__all__ = ["answer_turns", "choose_outcome", "multi_turn_prefixes"]
 
 
 def choose_outcome(outcomes: ReplyOutcomes, u: float) -> tuple[int, ...]:
@@ -198,16 +198,3 @@ def multi_turn_prefixes(
         out_mask.append(pmask)
         out_turns.append(state.turns)
     return out_ids, out_mask, out_turns
-
-
-def turn_segments(tokenizer: object, ids: list[int], flags: list[int]) -> list[tuple[str, str]]:
-    """``[("policy", text), ("env", text), ...]``: a response split where ``flags`` (1 =
-    the policy's token) changes, decoded with special tokens kept (EOS shows turn ends)."""
-    out: list[tuple[str, str]] = []
-    start = 0
-    for k in range(1, len(ids) + 1):
-        if k == len(ids) or flags[k] != flags[start]:
-            who = "policy" if flags[start] else "env"
-            out.append((who, str(tokenizer.decode(ids[start:k]))))  # type: ignore[attr-defined]
-            start = k
-    return out

@@ -44,8 +44,9 @@ import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from llm_mdp.envs.turns import answer_turns, multi_turn_prefixes, turn_segments
+from llm_mdp.envs.turns import answer_turns, multi_turn_prefixes
 from llm_mdp.tasks import ResponseBatch, Task, make_task
+from llm_mdp.tasks.turns import turn_segments
 from llm_mdp.utils import resolve_device
 
 LengthCap = Literal["terminated", "truncated"]

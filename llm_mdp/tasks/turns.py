@@ -46,6 +46,7 @@ __all__ = [
     "normalize_reply",
     "replay_turns",
     "reply_after",
+    "turn_segments",
 ]
 
 ReplyOutcomes = tuple[tuple[float, tuple[int, ...]], ...]
@@ -94,15 +95,9 @@ class Turn:
     def segments(self) -> list[tuple[str, str]]:
         """The response split into turns: ``[("policy", text), ("env", text), ...]``
         (special tokens such as EOS removed)."""
-        out: list[tuple[str, str]] = []
-        start = 0
-        n = len(self.response_ids)
-        for i in range(1, n + 1):
-            if i == n or self.policy_mask[i] != self.policy_mask[start]:
-                who = "policy" if self.policy_mask[start] else "env"
-                out.append((who, self._decode(self.response_ids[start:i])))
-                start = i
-        return out
+        return turn_segments(
+            self.tokenizer, self.response_ids, self.policy_mask, skip_special_tokens=True
+        )
 
     @cached_property
     def last_turn(self) -> str:
@@ -119,6 +114,27 @@ class Turn:
 
     def _decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+
+def turn_segments(
+    tokenizer: PreTrainedTokenizerBase,
+    ids: Sequence[int],
+    policy_mask: Sequence[bool | int],
+    *,
+    skip_special_tokens: bool = False,
+) -> list[tuple[str, str]]:
+    """``[("policy", text), ("env", text), ...]``: a response split where ``policy_mask``
+    changes. With special tokens kept (the default), EOS shows where the policy ended a
+    turn."""
+    out: list[tuple[str, str]] = []
+    start = 0
+    for k in range(1, len(ids) + 1):
+        if k == len(ids) or bool(policy_mask[k]) != bool(policy_mask[start]):
+            who = "policy" if policy_mask[start] else "env"
+            text = tokenizer.decode(list(ids[start:k]), skip_special_tokens=skip_special_tokens)
+            out.append((who, str(text)))
+            start = k
+    return out
 
 
 def normalize_reply(out: Any, *, where: str = "reply_fn") -> ReplyOutcomes | None:
