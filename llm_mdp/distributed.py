@@ -15,6 +15,7 @@ Backend: ``nccl`` when CUDA is available, else ``gloo``. Models too large for on
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,40 @@ class DistContext:
             ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
             dist.all_reduce(tensor, op=ops[op])
         return tensor
+
+    def reduce_metrics(
+        self,
+        m: dict[str, float],
+        *,
+        global_keys: Collection[str] = (),
+        device: torch.device | None = None,
+    ) -> dict[str, float]:
+        """Combine per-rank metrics: ``global_keys`` (counters already summed over ranks)
+        stay as they are, ``*/max`` and ``*/min`` take the extreme, ``time/*`` the slowest
+        rank, the rest the mean over ranks. ``device``: where the collective runs (the
+        backend's). A no-op on one process."""
+        if not self.enabled:
+            return m
+        out = dict(m)
+        groups: dict[str, list[str]] = {"max": [], "min": [], "sum": []}
+        for k in m:
+            if k in global_keys:
+                continue
+            op = (
+                "max"
+                if k.endswith("/max") or k.startswith("time/")
+                else "min"
+                if k.endswith("/min")
+                else "sum"
+            )
+            groups[op].append(k)
+        for op, keys in groups.items():
+            if keys:
+                v = torch.tensor([m[k] for k in keys], dtype=torch.float64, device=device)
+                reduced = self.all_reduce(v, op).tolist()
+                scale = self.world_size if op == "sum" else 1
+                out |= {k: x / scale for k, x in zip(keys, reduced, strict=True)}
+        return out
 
     def all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
         """Sum the gradients of ``params`` over ranks, flattened into one buffer."""

@@ -38,7 +38,7 @@ from gymnasium.vector import AutoresetMode
 from llm_mdp import distributed, fsdp
 from llm_mdp import estimators as est
 from llm_mdp.agents.accounting import ForwardPositions
-from llm_mdp.agents.checkpoint import agent_state, load_agent, restore_agent
+from llm_mdp.agents.checkpoint import agent_state, load_agent, restore_agent, save_agent
 from llm_mdp.agents.config import AgentConfig
 from llm_mdp.agents.interrupt import StopOnSignal, TrainingInterrupted
 from llm_mdp.agents.logger import MetricsLogger
@@ -296,7 +296,7 @@ class Agent:
         self.generated_tokens += n_gen
         self.forward_positions += n_fwd
         r = batch.rewards
-        return self._reduce_metrics(
+        return self.dist.reduce_metrics(
             {
                 "update": self.update,
                 "samples": self.samples,
@@ -317,34 +317,10 @@ class Agent:
                 "time/rollout": t1 - t0,
                 "time/update": t2 - t1,
                 "tokens_per_s": n_tok / max(t2 - t0, 1e-9),
-            }
+            },
+            global_keys=_GLOBAL_METRICS,  # tokens_per_s: global tokens / this rank's time
+            device=self.device,
         )
-
-    def _reduce_metrics(self, m: dict[str, float]) -> dict[str, float]:
-        """Combine per-rank metrics: counters are global already, ``*/max`` and ``*/min``
-        take the extreme, ``time/*`` the slowest rank, the rest the mean over ranks."""
-        if not self.dist.enabled:
-            return m
-        out = dict(m)
-        groups: dict[str, list[str]] = {"max": [], "min": [], "sum": []}
-        for k in m:
-            if k in _GLOBAL_METRICS:
-                continue
-            op = (
-                "max"
-                if k.endswith("/max") or k.startswith("time/")
-                else "min"
-                if k.endswith("/min")
-                else "sum"
-            )
-            groups[op].append(k)
-        for op, keys in groups.items():
-            if keys:
-                v = torch.tensor([m[k] for k in keys], dtype=torch.float64, device=self.device)
-                reduced = self.dist.all_reduce(v, op).tolist()
-                scale = self.dist.world_size if op == "sum" else 1
-                out |= {k: x / scale for k, x in zip(keys, reduced, strict=True)}
-        return out  # tokens_per_s is global already: global tokens / this rank's time
 
     def optimize(self, batch: Rollout) -> dict[str, float]:
         """``epochs`` x ``minibatches`` optimizer steps with gradient accumulation."""
@@ -591,14 +567,7 @@ class Agent:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write a checkpoint atomically (temp file + rename): never a half-written file.
         Under FSDP a sharded folder, written by every rank (``llm_mdp.fsdp``)."""
-        if self.config.parallel == "fsdp":
-            return fsdp.save_checkpoint(self, path)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
-        return path
+        return save_agent(self, path)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`state_dict` (:func:`llm_mdp.agents.checkpoint.restore_agent`)."""

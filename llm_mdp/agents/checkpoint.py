@@ -23,6 +23,7 @@ __all__ = [
     "load_agent",
     "read_checkpoint",
     "restore_agent",
+    "save_agent",
 ]
 
 CHECKPOINT_FORMAT = 1
@@ -103,6 +104,21 @@ def check_matches(
         raise CheckpointError(
             f"{where} has a vocabulary of {state['vocab_size']} tokens, the env {vocab_size}"
         )
+
+
+def save_agent(agent: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``agent.state_dict()`` atomically (temp file + rename): never a half-written
+    file. Under FSDP a sharded folder, written by every rank (``llm_mdp.fsdp``)."""
+    if agent.config.parallel == "fsdp":
+        from llm_mdp import fsdp
+
+        return fsdp.save_checkpoint(agent, path)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(agent.state_dict(), tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def load_agent(
