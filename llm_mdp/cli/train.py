@@ -207,7 +207,7 @@ def sample_table(agent: Any, n: int = 8) -> str:
     (collective under FSDP: every rank calls it)."""
     from llm_mdp import fsdp
     from llm_mdp.agents import rollout
-    from llm_mdp.tasks.turns import turn_segments
+    from llm_mdp.tasks.turns import describe_turns
 
     env = agent.env
     idx = list(range(min(n, len(env.task.prompts))))
@@ -227,8 +227,7 @@ def sample_table(agent: Any, n: int = 8) -> str:
             if env.task.multi_turn and batch.policy_mask is not None:
                 n = int(batch.response_mask[j].sum())
                 ids = batch.response_ids[j, :n].tolist()
-                segs = turn_segments(env.tokenizer, ids, batch.policy_mask[j, :n].tolist())
-                response = " | ".join(f"{who}: {text!r}" for who, text in segs)
+                response = describe_turns(env.tokenizer, ids, batch.policy_mask[j, :n].tolist())
             lines.append(
                 f"{batch.prompts[j]!r:>24} -> {response:<24} reward {float(ro.rewards[j]):.3f}"
             )

@@ -33,7 +33,7 @@ from llm_mdp.tasks.turns import ReplyOutcomes, TurnError, reply_after
 if TYPE_CHECKING:
     from llm_mdp.envs.vector_env import LLMTokenVectorEnv
 
-__all__ = ["answer_turns", "choose_outcome", "multi_turn_prefixes"]
+__all__ = ["answer_turns", "choose_outcome", "multi_turn_prefixes", "write_multi_turn_prefixes"]
 
 
 def choose_outcome(outcomes: ReplyOutcomes, u: float) -> tuple[int, ...]:
@@ -198,3 +198,18 @@ def multi_turn_prefixes(
         out_mask.append(pmask)
         out_turns.append(state.turns)
     return out_ids, out_mask, out_turns
+
+
+def write_multi_turn_prefixes(
+    env: LLMTokenVectorEnv, rows: Sequence[int], prefixes: Sequence[list[int]]
+) -> None:
+    """Start ``rows`` of ``env`` from ``prefixes`` (checked and completed by
+    :func:`multi_turn_prefixes`): their tokens, policy flags, lengths and turn counts."""
+    ids, flags, turns = multi_turn_prefixes(env, rows, prefixes)
+    for i, p, f, t in zip(rows, ids, flags, turns, strict=True):
+        cols = slice(env.P, env.P + len(p))
+        env.ids[i, cols] = torch.tensor(p, dtype=torch.long, device=env.device)
+        env.mask[i, cols] = 1
+        env.policy_flags[i, cols] = torch.tensor(f, dtype=torch.long, device=env.device)
+        env.response_len[i] = len(p)
+        env.turns[i] = t

@@ -44,9 +44,9 @@ import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from llm_mdp.envs.turns import answer_turns, multi_turn_prefixes
+from llm_mdp.envs.turns import answer_turns, write_multi_turn_prefixes
 from llm_mdp.tasks import ResponseBatch, Task, make_task
-from llm_mdp.tasks.turns import turn_segments
+from llm_mdp.tasks.turns import describe_turns
 from llm_mdp.utils import resolve_device
 
 LengthCap = Literal["terminated", "truncated"]
@@ -354,14 +354,7 @@ class LLMTokenVectorEnv(VectorEnv):
                 )
             lists.append(p)
         if self.task.multi_turn:
-            lists, flags, turns = multi_turn_prefixes(self, rows.tolist(), lists)
-            for i, p, f, t in zip(rows.tolist(), lists, flags, turns, strict=True):
-                cols = slice(self.P, self.P + len(p))
-                self.ids[i, cols] = torch.tensor(p, dtype=torch.long, device=self.device)
-                self.mask[i, cols] = 1
-                self.policy_flags[i, cols] = torch.tensor(f, dtype=torch.long, device=self.device)
-                self.response_len[i] = len(p)
-                self.turns[i] = t
+            write_multi_turn_prefixes(self, rows.tolist(), lists)
             return
         # one batched check and write (per-token Python work here would cost more than
         # the rollout on small models: TRePO resets hundreds of prefixes per update)
@@ -581,23 +574,16 @@ class LLMTokenVectorEnv(VectorEnv):
             toks = [t for t, m in zip(ids[i], mask[i], strict=True) if m]
             n_prompt = sum(mask[i][: self.P])
             prompt = self.tokenizer.decode(toks[:n_prompt])
-            response = self.tokenizer.decode(toks[n_prompt:])
-            status = (
-                "terminated"
-                if self.terminated[i]
-                else "truncated"
-                if self.truncated[i]
-                else "running"
-            )
-            if flags is not None:
+            status = "truncated" if self.truncated[i] else "running"
+            status = "terminated" if self.terminated[i] else status
+            if flags is None:
+                response = repr(self.tokenizer.decode(toks[n_prompt:]))
+            else:
                 n = int(self.response_len[i])
-                segs = turn_segments(
-                    self.tokenizer, ids[i][self.P : self.P + n], flags[i][self.P : self.P + n]
-                )
-                turns = " | ".join(f"{who}: {text!r}" for who, text in segs) or "''"
-                lines.append(f"[{i}] {prompt!r} | {turns} ({status}, turn {int(self.turns[i])})")
-                continue
-            lines.append(f"[{i}] {prompt!r} | {response!r} ({status})")
+                resp = slice(self.P, self.P + n)
+                response = describe_turns(self.tokenizer, ids[i][resp], flags[i][resp])
+                status += f", turn {int(self.turns[i])}"
+            lines.append(f"[{i}] {prompt!r} | {response} ({status})")
         return "\n".join(lines)
 
     def render(self) -> Any:

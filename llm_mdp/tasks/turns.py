@@ -43,6 +43,7 @@ __all__ = [
     "Turn",
     "TurnError",
     "TurnState",
+    "describe_turns",
     "normalize_reply",
     "replay_turns",
     "reply_after",
@@ -135,6 +136,15 @@ def turn_segments(
             out.append((who, str(text)))
             start = k
     return out
+
+
+def describe_turns(
+    tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], policy_mask: Sequence[bool | int]
+) -> str:
+    """One line, turn by turn: ``policy: 'ab<eos>' | env: 'c' | policy: ...`` (special
+    tokens kept, so EOS marks where the policy ended a turn; ``''`` when empty)."""
+    segs = turn_segments(tokenizer, ids, policy_mask)
+    return " | ".join(f"{who}: {text!r}" for who, text in segs) or "''"
 
 
 def normalize_reply(out: Any, *, where: str = "reply_fn") -> ReplyOutcomes | None:
