@@ -23,7 +23,7 @@ from llm_mdp.agents.rollout import EnvPool, rollout, rollout_prefixes
 from llm_mdp.agents.streams import stream_ids
 from llm_mdp.agents.trepo import TRePOConfig
 from llm_mdp.envs import LLMTokenVectorEnv
-from llm_mdp.policies import CausalLMPolicy, tiny_gpt2
+from llm_mdp.policies import CausalLMPolicy, tiny_gpt2, tiny_llama
 from llm_mdp.tasks import make_task
 
 
@@ -117,3 +117,92 @@ def test_trepo_values_do_not_depend_on_value_batching():
         assert batch.value_rollouts > 6  # several batches at value_batch_size=6
         values.append(batch.prefix_values)
     torch.testing.assert_close(values[0], values[1], atol=1e-5, rtol=0)
+
+
+def _resume_setup(factory, dtype: torch.dtype, K: int):
+    """A main rollout that keeps its policy state, and start states cut from its rows."""
+    task = make_task("reverse", partial=True)
+    env = LLMTokenVectorEnv(task, 8, info_text=False)
+    model = factory(
+        env.vocab_size, seed=5, pad_token_id=env.pad_token_id, eos_token_id=env.eos_token_id
+    ).to(dtype)
+    policy = CausalLMPolicy(model, env.tokenizer, seed=0)
+    options = {"prompt_indices": [4, 17, 30, 51], "group_size": 2}
+    main = rollout(
+        env, policy, options, streams=stream_ids(1, 0, 0, rows=torch.arange(8)), keep_state=True
+    )
+    assert main.policy_state is not None
+    lengths = main.response_mask.sum(-1).tolist()
+    resp, prompts = main.response_ids.tolist(), main.prompt_indices.tolist()
+    rows = [i for i in range(8) for c in range(lengths[i])]  # every non-terminal state
+    cuts = [c for i in range(8) for c in range(lengths[i])]
+    starts = {
+        "prompt_indices": [prompts[i] for i in rows],
+        "group_size": K,
+        "response_prefix": [resp[i][:c] for i, c in zip(rows, cuts, strict=True) for _ in range(K)],
+    }
+    value_env = EnvPool(env).get(len(rows) * K)
+    streams = stream_ids(9, 0, 1, rows=torch.arange(len(rows) * K))
+    return policy, main, value_env, starts, streams, torch.tensor(rows)
+
+
+@pytest.mark.parametrize("factory", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_resumed_rollout_samples_the_same_tokens_float64(factory):
+    """Value rollouts that start from the main rollout's KV cache (no prefix encoded) draw
+    exactly the tokens of ones that encode their prefixes (absolute and rotary positions)."""
+    K = 2
+    policy, main, env, starts, streams, rows = _resume_setup(factory, torch.float64, K)
+    assert rows.numel() >= 8 and min(len(p) for p in starts["response_prefix"]) == 0
+    before = policy.positions_encoded
+    fresh = rollout(env, policy, starts, streams=streams, fork=K)
+    encoded = policy.positions_encoded - before
+    assert encoded > 0
+    before = policy.positions_encoded
+    resumed = rollout(
+        env, policy, starts, streams=streams, fork=K, resume=(main.policy_state, rows)
+    )
+    assert policy.positions_encoded == before  # nothing re-encoded
+    assert torch.equal(resumed.input_ids, fresh.input_ids)
+    torch.testing.assert_close(resumed.sample_logp, fresh.sample_logp, atol=1e-10, rtol=0)
+    torch.testing.assert_close(resumed.rewards, fresh.rewards, atol=0, rtol=0)
+    # the main state is left as it was: resuming twice gives the same episodes again
+    again = rollout(env, policy, starts, streams=streams, fork=K, resume=(main.policy_state, rows))
+    assert torch.equal(again.input_ids, fresh.input_ids)
+
+
+def test_prefix_state_refuses_what_is_not_a_prefix():
+    policy, main, env, starts, streams, rows = _resume_setup(tiny_gpt2, torch.float32, 1)
+    obs, _ = env.reset(options=starts)
+    assert policy.prefix_state(main.policy_state, rows, obs) is not None
+    shifted = torch.roll(rows, 1)  # start states paired with other rows' histories
+    assert policy.prefix_state(main.policy_state, shifted, obs) is None
+    # and the rollout then encodes the prefixes instead (same episodes)
+    before = policy.positions_encoded
+    ro = rollout(env, policy, starts, streams=streams, resume=(main.policy_state, shifted))
+    assert policy.positions_encoded > before
+    plain = rollout(env, policy, starts, streams=streams)
+    assert torch.equal(ro.input_ids, plain.input_ids)
+    assert main.select(torch.tensor([0, 1])).policy_state is None
+
+
+@pytest.mark.parametrize("task", ["reverse", "echo"])
+def test_trepo_values_with_and_without_cache_reuse(task):
+    """TRePO's value estimates agree (1e-5, float32) whether its value rollouts start from
+    the main rollout's KV cache or encode their prefixes; single- and multi-turn."""
+    from multiturn_echo import echo_task
+
+    values, encoded = [], []
+    for keep in (True, False):
+        if task == "echo":
+            env = LLMTokenVectorEnv(echo_task(), 8, info_text=False)
+            policy = CausalLMPolicy(tiny_gpt2(env.vocab_size, seed=0), env.tokenizer, seed=0)
+        else:
+            env, policy = _setup(8)
+        agent = TRePO(env, policy, TRePOConfig(seed=4, num_anchors=2))
+        agent.keep_state = keep
+        batch = agent.collect()
+        assert batch.policy_state is None  # released after the value rollouts
+        values.append(batch.prefix_values)
+        encoded.append(policy.positions_encoded)
+    torch.testing.assert_close(values[0], values[1], atol=1e-5, rtol=0)
+    assert encoded[0] < encoded[1]

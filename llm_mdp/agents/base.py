@@ -77,6 +77,7 @@ class Agent:
 
     name: ClassVar[str] = "agent"
     config_class: ClassVar[type[AgentConfig]] = AgentConfig
+    keep_state: ClassVar[bool] = False  # collect() keeps Rollout.policy_state (TRePO)
 
     def __init__(
         self,
@@ -162,7 +163,8 @@ class Agent:
         G = self.config.group_size
         idx = self.sample_prompts(self.env.num_envs // G)
         options = {"prompt_indices": idx, "group_size": G}
-        return rollout(self.env, self.policy, options, streams=self.streams(STREAM_MAIN))
+        streams = self.streams(STREAM_MAIN)
+        return rollout(self.env, self.policy, options, streams=streams, keep_state=self.keep_state)
 
     def advantages(self, batch: Rollout) -> torch.Tensor:
         """Per-token weights ``(B, L)`` of ``grad log pi``; see ``llm_mdp.estimators``."""

@@ -170,6 +170,7 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
         input_ids=torch.cat([pad(p.input_ids, width) for p in parts]),
         attention_mask=torch.cat([pad(p.attention_mask, width) for p in parts]),
         extras=extras,
+        policy_state=None,
         **fields,
     )
 

@@ -77,6 +77,10 @@ class Rollout:
             to the attention mask).
         extras: free-form per-agent data for users' own agents (per-row tensors are
             kept by :meth:`select`); the built-in agents use the typed fields above.
+        policy_state: the policy's state after its last ``act`` of the batch
+            (``rollout(..., keep_state=True)``; :class:`~llm_mdp.policies.CausalLMPolicy`:
+            a KV cache of every row's tokens but its last), from which value rollouts
+            can start without encoding their prefixes again; dropped by :meth:`select`.
 
     Prefix columns (``prefix_values``, ``prefix_known``, ``next_values``) are indexed by
     *decision state*: column ``k`` is the state before the policy's ``k``-th token (see
@@ -103,6 +107,7 @@ class Rollout:
     value_rollouts: int = 0
     policy_mask: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    policy_state: Any = None
 
     ROW_FIELDS: ClassVar[tuple[str, ...]] = (
         "rewards",
@@ -203,6 +208,7 @@ class Rollout:
             input_ids=self.input_ids[rows],
             attention_mask=self.attention_mask[rows],
             extras={k: pick(v) for k, v in self.extras.items()},
+            policy_state=None,
             **{k: pick(getattr(self, k)) for k in self.ROW_FIELDS},
         )
 
@@ -216,6 +222,8 @@ def rollout(
     greedy: bool = False,
     streams: torch.Tensor | None = None,
     fork: int = 1,
+    resume: tuple[Any, torch.Tensor] | None = None,
+    keep_state: bool = False,
 ) -> Rollout:
     """Reset ``env`` with ``options`` and step it with ``policy`` until every row has ended.
 
@@ -231,6 +239,12 @@ def rollout(
     encodes each distinct start state once and forks its KV cache ``K`` ways; the
     episodes are the same as without ``fork`` (same draws, same log-probs up to float
     round-off of the batched forward), only cheaper.
+
+    ``resume = (state, rows)``: start state ``j`` (of the ``B / fork`` distinct ones) is a
+    prefix of what row ``rows[j]`` of an earlier rollout's ``policy_state`` consumed; a
+    policy with ``prefix_state`` (:meth:`~llm_mdp.policies.CausalLMPolicy.prefix_state`)
+    then starts from that KV cache instead of encoding the prefix (same episodes again).
+    ``keep_state`` keeps the policy's final state in :attr:`Rollout.policy_state`.
     """
     if streams is not None and env.task.multi_turn and "reply_streams" not in options:
         options = {**options, "reply_streams": stream_ids(REPLY_STREAM_KEY, rows=streams)}
@@ -241,7 +255,9 @@ def rollout(
     rewards = torch.zeros(B, dtype=torch.float64, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     token_rewards = None
-    state = _forked_state(policy, obs, fork) if fork > 1 else None
+    state = _resumed_state(policy, obs, fork, *resume) if resume is not None else None
+    if state is None and fork > 1:
+        state = _forked_state(policy, obs, fork)
     rows = torch.arange(B, device=device)
     col = obs["attention_mask"][:, P:].sum(-1)
     while True:
@@ -272,6 +288,7 @@ def rollout(
         prompt_indices=env.prompt_index.clone(),
         group_size=int(options.get("group_size") or 1),
         token_rewards=None if token_rewards is None else token_rewards[:, :L].float(),
+        policy_state=state if keep_state else None,
     )
 
 
@@ -289,6 +306,20 @@ def _forked_state(policy: Policy, obs: Any, fork: int) -> Any:
     if not all(bool((x == x[:, :1]).all()) for x in runs):
         raise ValueError(f"fork={fork}: the start states do not come in runs of {fork} equal rows")
     return prefill({"input_ids": ids[::fork], "attention_mask": mask[::fork]}, repeats=fork)
+
+
+def _resumed_state(policy: Policy, obs: Any, fork: int, source: Any, rows: torch.Tensor) -> Any:
+    """The policy's state for ``obs`` (runs of ``fork`` equal rows) from the earlier state
+    ``source`` whose row ``rows[j]`` starts with distinct start state ``j``; ``None`` when
+    the policy or its cache cannot resume (the caller then encodes the start states)."""
+    resume = getattr(policy, "prefix_state", None)
+    if resume is None or source is None:
+        return None
+    distinct = {
+        "input_ids": obs["input_ids"][::fork],
+        "attention_mask": obs["attention_mask"][::fork],
+    }
+    return resume(source, rows, distinct, repeats=fork)
 
 
 class EnvPool:
@@ -317,16 +348,7 @@ class EnvPool:
                 retired = self._envs.pop(oldest)
                 self._retired_episodes += retired.episodes_finished
                 self._retired_tokens += retired.tokens_generated
-            e = self.env
-            self._envs[num_envs] = type(e)(
-                e.task,
-                num_envs,
-                max_response_tokens=e.R,
-                max_prompt_tokens=e.P,
-                length_cap=e.length_cap,
-                device=e.device,
-                info_text=False,
-            )
+            self._envs[num_envs] = self.env.resized(num_envs)
         return self._envs[num_envs]
 
     @property
@@ -349,13 +371,15 @@ def rollout_prefixes(
     copies: int = 1,
     streams: torch.Tensor | None = None,
     batch_size: int | None = None,
+    source: tuple[Any, Sequence[int]] | None = None,
 ) -> torch.Tensor:
     """Rewards ``(n, copies)``: ``copies`` episodes from each ``(prompt, response prefix)``.
 
     The work is laid out for speed only; the episodes do not depend on it:
 
     * each start state is encoded once and its KV cache forked ``copies`` ways
-      (``rollout(..., fork=copies)``);
+      (``rollout(..., fork=copies)``), or not encoded at all: with ``source`` it starts
+      from the KV cache of the rollout that produced it (``rollout(..., resume=...)``);
     * start states are sorted by prefix length, longest first, and cut into env batches
       of at most ``batch_size`` rows (default: all in one batch), so rows that can still
       run long share a batch and short ones finish together;
@@ -370,6 +394,8 @@ def rollout_prefixes(
         streams: ``(n * copies,)`` stream ids, episode ``(j, k)`` at ``j * copies + k``;
             with them every episode's draws are its own whatever the batching.
         batch_size: most env rows per batch (rounded down to a multiple of ``copies``).
+        source: ``(policy_state, rows)``: the :attr:`Rollout.policy_state` of the batch
+            the prefixes come from and, per start state, its row there.
 
     Returns:
         ``(n, copies)`` float32 rewards.
@@ -394,7 +420,10 @@ def rollout_prefixes(
         if streams is not None:
             idx = torch.tensor(jobs, device=streams.device)
             s = streams.view(n, K)[idx].reshape(-1)
-        ro = rollout(envs.get(len(jobs) * K), policy, options, streams=s, fork=K)
+        resume = None
+        if source is not None:
+            resume = (source[0], torch.tensor([source[1][j] for j in jobs], device=device))
+        ro = rollout(envs.get(len(jobs) * K), policy, options, streams=s, fork=K, resume=resume)
         out[torch.tensor(jobs, device=device)] = ro.rewards.view(len(jobs), K)
     return out
 

@@ -88,6 +88,7 @@ class TRePO(Agent):
     name = "trepo"
     config_class = TRePOConfig
     config: TRePOConfig
+    keep_state = True  # value rollouts start from the main rollout's KV cache
 
     def setup(self) -> None:
         self.value_envs = EnvPool(self.env)  # value rollouts run in envs of their own size
@@ -144,7 +145,9 @@ class TRePO(Agent):
             copies=K,
             streams=streams,
             batch_size=cfg.value_batch_size or self.default_value_batch_size,
+            source=(batch.policy_state, [i for i, _, _ in jobs]),
         )
+        batch.policy_state = None  # the cache is not needed past here
         means = rewards.mean(1).cpu() if jobs else torch.zeros(0)
 
         slots = torch.zeros((2, B, L + 1), dtype=batch.rewards.dtype)

@@ -35,6 +35,7 @@ token rewards). Details in :mod:`llm_mdp.envs.turns` and ``docs/theory.md#multi-
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -129,7 +130,6 @@ class LLMTokenVectorEnv(VectorEnv):
             raise ValueError(
                 f"render_mode={render_mode!r}, expected one of {self.metadata['render_modes']}"
             )
-        self.num_envs = num_envs
         self.length_cap: LengthCap = length_cap
         self.backend: Backend = backend
         self.device = resolve_device(device)
@@ -178,10 +178,14 @@ class LLMTokenVectorEnv(VectorEnv):
                 "policy_mask": gym.spaces.Box(0, 1, (self.W,), np.int64),
             }
         )
-        self.action_space = batch_space(self.single_action_space, num_envs)
-        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self._allocate_rows(num_envs)
+        self._np_random, self._np_random_seed = gym.utils.seeding.np_random(None)
 
-        B = num_envs
+    def _allocate_rows(self, num_envs: int) -> None:
+        """Everything that has one entry per row (state, spaces, counters), fresh."""
+        self.num_envs = B = num_envs
+        self.action_space = batch_space(self.single_action_space, B)
+        self.observation_space = batch_space(self.single_observation_space, B)
         kw: dict[str, Any] = {"device": self.device}
         self.ids = torch.full((B, self.W), self.pad_token_id, dtype=torch.long, **kw)
         self.mask = torch.zeros((B, self.W), dtype=torch.long, **kw)
@@ -200,7 +204,20 @@ class LLMTokenVectorEnv(VectorEnv):
         # actions appended to running rows since construction (compute accounting); a
         # device tensor, so counting costs no host sync per step
         self._tokens_generated = torch.zeros((), dtype=torch.long, **kw)
-        self._np_random, self._np_random_seed = gym.utils.seeding.np_random(None)
+
+    def resized(self, num_envs: int) -> LLMTokenVectorEnv:
+        """A fresh env like this one (task, widths, device, settings) with ``num_envs`` rows.
+
+        Shares the encoded prompt pool and the action mask instead of building them again
+        (TRePO's value rollouts need an env of a new size almost every update).
+        """
+        if num_envs < 1:
+            raise ValueError(f"num_envs={num_envs}, expected >= 1")
+        env = copy.copy(self)
+        env.info_text = False
+        env._allocate_rows(num_envs)
+        env._np_random, env._np_random_seed = gym.utils.seeding.np_random(None)
+        return env
 
     # ------------------------------------------------------------------ properties
     @property

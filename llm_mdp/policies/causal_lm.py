@@ -84,7 +84,7 @@ class CausalLMPolicy(TeacherForcedLM, nn.Module):
             backward (:mod:`llm_mdp.policies.lm_head`), so no dense ``(B, R, V)`` tensor
             is kept; ``False``: the model's own dense logits. ``None`` (default): chunked
             when the dense logits of a call would exceed ``CHUNKED_HEAD_MIN_ELEMENTS``
-            (32 MiB in float32: e.g. 167 response tokens at a 50k vocabulary) and the
+            (48 MiB in float32: e.g. 250 response tokens at a 50k vocabulary) and the
             model has a plain linear head whose output is its logits (checked once,
             numerically, on the first such call). Both give the same numbers up to
             float round-off.
@@ -386,6 +386,79 @@ class CausalLMPolicy(TeacherForcedLM, nn.Module):
             obs_mask=rep_t(st.obs_mask),
             actions=rep_t(st.actions),
             logits=rep_t(st.logits),
+        )
+
+    @torch.no_grad()
+    def prefix_state(
+        self, source: KVState, rows: torch.Tensor, obs: Observation, repeats: int = 1
+    ) -> KVState | None:
+        """The state of ``obs`` with each row repeated, read from ``source``'s KV cache.
+
+        Row ``j`` of ``obs`` must start a sequence that row ``rows[j]`` of ``source`` has
+        consumed (same layout: same prompt, response a prefix of that row's). Its tokens but
+        the last are copied from ``source``'s cache, in the layout a prefill gives them,
+        and only its last token runs through the model: what :meth:`prefill` gives, up to
+        float round-off, at one position per row instead of the whole prefix. TRePO's value
+        rollouts start from the main rollout's cache this way. ``source`` is not changed.
+
+        Args:
+            source: a state from :meth:`act` (e.g. :attr:`Rollout.policy_state`).
+            rows: ``(n,)`` row of ``source`` that each row of ``obs`` is a prefix of.
+            obs: ``(n, W)`` observation in the env layout ``source`` saw.
+            repeats: copies of each row (consecutive), as in :meth:`prefill`.
+
+        Returns:
+            A :class:`KVState` for ``n * repeats`` rows, or ``None`` (then use
+            :meth:`prefill`) when a row of ``obs`` is not such a prefix or ``source``'s
+            cache cannot be copied by row (:func:`~llm_mdp.policies.hf.cache_rows`).
+        """
+        if repeats < 1:
+            raise ValueError(f"repeats={repeats}, expected >= 1")
+        ids, mask = as_obs_tensors(obs, self.device)
+        n, width = ids.shape
+        rows = rows.to(ids.device)
+        if rows.shape != (n,) or source.obs_ids.shape[1] != width or n == 0:
+            return None
+        lengths = mask.sum(1)
+        end = width - mask.flip(1).argmax(1)  # column after each row's last token
+        ids = ids.masked_fill(mask == 0, 0)
+        # every column before a row's last token: as the source row had it
+        before = torch.arange(width, device=ids.device)[None, :] < (end - 1)[:, None]
+        same = (mask == source.obs_mask[rows]) & (ids == source.obs_ids[rows])
+        if not bool((same | ~before).all() & (lengths >= 1).all()):
+            return None
+        # the cache entries of each prefix but its last token, right-aligned as a prefill
+        # lays them out (a stable sort puts the dropped columns first, in order)
+        held = source.attention_mask[rows]
+        keep = held * (held.cumsum(1) <= (lengths - 1)[:, None])
+        w = int((lengths - 1).max())
+        if w == 0:
+            return None
+        columns = torch.sort(keep, dim=1, stable=True).indices[:, -w:]
+        cache = hf.cache_rows(source.cache, rows, columns)
+        if cache is None:
+            return None
+        last = ids.gather(1, (end - 1)[:, None])
+        c_mask = torch.cat([keep.gather(1, columns), torch.ones_like(last)], dim=1)
+        self.positions_decoded += n
+        logits, cache = self._forward(
+            last, c_mask, (lengths - 1)[:, None], keep=1, cache=cache, use_cache=True
+        )
+        if repeats > 1:
+            cache.batch_repeat_interleave(repeats)  # in place, on our own copy
+
+        def rep(x: torch.Tensor) -> torch.Tensor:
+            return x.repeat_interleave(repeats, 0) if repeats > 1 else x
+
+        return KVState(
+            cache=cache,
+            attention_mask=rep(c_mask),
+            lengths=rep(lengths),
+            end=rep(end),
+            obs_ids=rep(ids),
+            obs_mask=rep(mask.clone()),
+            actions=torch.zeros(n * repeats, dtype=torch.long, device=ids.device),
+            logits=rep(logits[:, -1].float()),
         )
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> KVState:

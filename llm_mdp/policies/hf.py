@@ -6,6 +6,7 @@ policy (``llm_mdp.sb3.policy``). PEFT wrappers are looked through (``get_base_mo
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "cache_rows",
     "forward_params",
     "hidden_size",
     "lm_head",
@@ -76,3 +78,30 @@ def trunk(model: Any) -> nn.Module | None:
     prefix = getattr(inner, "base_model_prefix", None)
     base = getattr(inner, prefix, None) if prefix else None
     return base if isinstance(base, nn.Module) and base is not inner else None
+
+
+def cache_rows(cache: Any, rows: torch.Tensor, columns: torch.Tensor) -> Any:
+    """A new KV cache whose row ``j`` holds the entries ``columns[j]`` of row ``rows[j]`` of
+    ``cache`` (which is left as it is), or ``None`` when ``cache`` is not a plain
+    ``DynamicCache`` of ``DynamicLayer`` s (sliding windows, quantized or static layers keep
+    state that such a copy would not carry).
+
+    Args:
+        cache: a ``transformers`` cache with keys ``(B, heads, S, head_dim)`` per layer.
+        rows: ``(n,)`` source rows.
+        columns: ``(n, w)`` source positions along the sequence axis, per new row.
+    """
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    if type(cache) is not DynamicCache or any(type(x) is not DynamicLayer for x in cache.layers):
+        return None
+    out = copy.copy(cache)
+    out.layers = []
+    layer: Any
+    for layer in cache.layers:
+        new = copy.copy(layer)
+        keys = layer.keys[rows]
+        idx = columns[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+        new.keys, new.values = keys.gather(2, idx), layer.values[rows].gather(2, idx)
+        out.layers.append(new)
+    return out
