@@ -223,3 +223,19 @@ def test_gradient_samples_are_the_updates_gradients_at_fixed_weights() -> None:
     agent.optimizer.step = spy  # type: ignore[method-assign]
     agent.train_step()
     torch.testing.assert_close(g[0], seen[0])
+
+
+def test_every_builtin_study_loads() -> None:
+    """The shipped TOML files parse and pass the grid checks; the real-model study runs
+    GRPO, RLOO and TRePO on SmolLM2 at one learning rate, untuned (it sets each one)."""
+    from llm_mdp.study.spec import builtin_studies
+
+    names = set(builtin_studies())
+    assert {"tiny", "main", "ablation", "smollm2"} <= names
+    for name in names:
+        load_study(name)
+    spec, _ = load_study("smollm2")
+    runs = spec.main_runs({})
+    assert spec.model == "smollm2" and spec.tasks == ["chat_keyword"]
+    assert sorted({r.agent for r in runs}) == ["grpo", "rloo", "trepo"] and len(runs) == 9
+    assert {r.config["learning_rate"] for r in runs} == {2e-5}

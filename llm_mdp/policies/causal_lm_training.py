@@ -17,7 +17,7 @@ from torch import nn
 
 from . import hf
 from .base import TeacherForced, check_layout, token_log_probs
-from .lm_head import head_token_log_probs
+from .lm_head import CHUNK_ELEMENTS, head_token_log_probs
 
 __all__ = ["TeacherForcedLM"]
 
@@ -27,8 +27,9 @@ class TeacherForcedLM(TeacherForced):
     below): :meth:`response_log_probs`, :meth:`log_probs_and_hidden`,
     :meth:`response_hidden`."""
 
-    CHUNKED_HEAD_MIN_ELEMENTS = 1 << 23
-    """With ``chunked_head=None``, ``log_probs`` chunks the head above this many logits."""
+    CHUNKED_HEAD_MIN_ELEMENTS = 2 * CHUNK_ELEMENTS
+    """With ``chunked_head=None``, ``log_probs`` chunks the head above this many logits
+    (48 MiB in float32: two chunks, so chunking at least halves the logits kept)."""
 
     model: nn.Module
     temperature: float
