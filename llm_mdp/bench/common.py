@@ -286,12 +286,14 @@ class CountReward:
 @dataclass
 class TextTask:
     """A text task with equal-length prompts (so no left padding: TRL's training forward
-    passes no ``position_ids``) and the shared :class:`CountReward`."""
+    passes no ``position_ids``) and the shared :class:`CountReward`; the character
+    tokenizer of ``alphabet`` unless a pretrained model's ``tokenizer`` is given."""
 
     alphabet: str
     prompts: list[str]
     length: int
     target: str
+    tokenizer: Any = None
 
     def reward(self) -> CountReward:
         return CountReward(self.target, self.length)
@@ -301,7 +303,7 @@ class TextTask:
             "count_target",
             self.prompts,
             reward,
-            char_tokenizer(self.alphabet),
+            self.tokenizer if self.tokenizer is not None else char_tokenizer(self.alphabet),
             max_response_tokens=self.length,
             optimal_reward=1.0,
             description=f"fraction of the {self.length} slots that hold {self.target!r}",

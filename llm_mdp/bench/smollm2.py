@@ -1,4 +1,4 @@
-"""SmolLM2-135M-Instruct rows: rollout vs ``generate``, TRePO vs GRPO time, peak memory.
+"""SmolLM2-135M-Instruct rows: rollout vs ``generate``, TRePO vs GRPO, GRPO vs TRL, memory.
 
 ``python -m llm_mdp.bench.smollm2 [--out FILE]`` (needs the offline model,
 :data:`llm_mdp.models.SMOLLM2_INSTALL`). Not a section of ``llm-mdp bench``: at 135M
@@ -9,6 +9,7 @@ parameters one update takes seconds to minutes on a CPU. On the model's chat tas
   exactly ``new_tokens`` per row), interleaved, median of ``repeats``;
 * TRePO/GRPO: seconds per update at ``B 8, G 4, R 32, m 2, K 4`` (issue 14's set-up),
   interleaved, the first pair left out, with positions encoded / decoded;
+* trl: our GRPO update against TRL's ``GRPOTrainer`` (:func:`bench_vs_trl`);
 * memory: peak above the model of GRPO, TRePO and PPO with each critic option, one fresh
   process each (:mod:`llm_mdp.bench.memory`), ``steps`` updates.
 """
@@ -94,6 +95,45 @@ def bench_trepo_grpo(pairs: int) -> dict[str, Any]:
     return out
 
 
+def bench_vs_trl(steps: int) -> dict[str, Any]:
+    """GRPO update seconds, ours vs TRL's ``GRPOTrainer``, on SmolLM2 (B 8, G 4, R 32,
+    beta 0.04, lr 1e-5), interleaved step by step (:func:`~llm_mdp.bench.vs_trl.run_update_pair`,
+    first step left out). Prompts: the chat-formatted ``chat_keyword`` questions of the most
+    common token length (TRL's training forward wants equal lengths); reward: the shared
+    text reward (fraction of the 32 slots holding ``"."``), the same function for both."""
+    from collections import Counter
+
+    from llm_mdp.bench.common import TextTask
+    from llm_mdp.bench.vs_trl import run_update_pair, trl_status
+    from llm_mdp.models import load_smollm2
+    from llm_mdp.tasks.chat import CHAT_QUESTIONS, format_chat_prompt
+
+    ok, why = trl_status()
+    if not ok:
+        return {"skipped": why}
+    model, tok = load_smollm2()
+    texts = [format_chat_prompt(tok, q) for q, _ in CHAT_QUESTIONS]
+    sizes = [len(tok(t, add_special_tokens=False).input_ids) for t in texts]
+    common = Counter(sizes).most_common(1)[0][0]
+    prompts = [t for t, n in zip(texts, sizes, strict=True) if n == common]
+    tt = TextTask(alphabet="", prompts=prompts, length=32, target=".", tokenizer=tok)
+    out = run_update_pair(
+        steps=steps,
+        batch=8,
+        group=4,
+        length=32,
+        model_size=(0, 0),
+        seed=0,
+        device=torch.device("cpu"),
+        learning_rate=1e-5,
+        evaluate=False,
+        task=tt,
+        pretrained=(model, tok),
+    )
+    out["prompts"], out["prompt_tokens"] = len(prompts), common
+    return out
+
+
 SETUPS: dict[str, tuple[str, dict[str, Any]]] = {
     "grpo": ("grpo", {"group_size": 4}),
     "trepo": ("trepo", {"group_size": 4, "num_anchors": 2, "rollouts_per_prefix": 4}),
@@ -122,7 +162,7 @@ def bench_memory(batch: int, length: int, steps: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llm_mdp.bench.smollm2", description=__doc__)
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    p.add_argument("--only", default="rollout,trepo,memory", help="sections (comma-separated)")
+    p.add_argument("--only", default="rollout,trepo,trl,memory", help="sections (comma-separated)")
     p.add_argument("--repeats", type=int, default=3, help="timed rollouts / update pairs")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -135,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             res["trepo"] = bench_trepo_grpo(args.repeats)
         elif section == "memory":
             res["memory"] = bench_memory(8, 32, 2)
+        elif section == "trl":
+            res["trl"] = bench_vs_trl(args.repeats + 1)
         else:
             p.error(f"unknown section {section!r}")
         res[f"{section}_seconds"] = time.perf_counter() - t0

@@ -278,6 +278,7 @@ def run_update_pair(
     eval_per_prompt: int = 8,
     evaluate: bool = True,
     task: TextTask | None = None,
+    pretrained: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """``steps`` updates of our GRPO and of TRL's, interleaved step by step (TRL, ours, ...).
 
@@ -285,7 +286,9 @@ def run_update_pair(
     reference log-probs, loss, backward, clip, optimizer step; the data loader's fetch and
     TRL's logging fall outside); ours is one ``agent.train_step()`` (all of it). The first
     step of each is warm-up and not in the median. ``task`` defaults to
-    ``text_task(length)`` (8 letters, reward = fraction of ``"a"``).
+    ``text_task(length)`` (8 letters, reward = fraction of ``"a"``). ``pretrained =
+    (model, tokenizer)`` trains that model instead of a random GPT-2 of ``model_size``
+    (its tokenizer must be ``task``'s).
     """
     from transformers import TrainerCallback
 
@@ -301,7 +304,11 @@ def run_update_pair(
     with tempfile.TemporaryDirectory(prefix="llm-mdp-bench-") as tmp, quiet():
         folder = Path(tmp) / "model"
         P = len(tt.prompts[0])
-        save_model(folder, tt, model_size, seed, max_positions=P + length + 8)
+        if pretrained is None:
+            save_model(folder, tt, model_size, seed, max_positions=P + length + 8)
+        else:
+            for part in pretrained:
+                part.save_pretrained(folder)
 
         ours_task = tt.task(tt.reward())
         env = LLMTokenVectorEnv(ours_task, batch, device=device, info_text=False)
