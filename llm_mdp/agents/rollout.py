@@ -292,12 +292,8 @@ def rollout(
     )
 
 
-def _forked_state(policy: Policy, obs: Any, fork: int) -> Any:
-    """The policy's state for ``obs`` whose rows come in runs of ``fork`` equal rows, built
-    from one prefill of the distinct rows (``None`` when the policy cannot fork)."""
-    prefill = getattr(policy, "prefill", None)
-    if prefill is None:
-        return None
+def _distinct_starts(obs: Any, fork: int) -> dict[str, torch.Tensor]:
+    """The first row of each run of ``fork`` equal rows of ``obs`` (checked)."""
     ids, mask = obs["input_ids"], obs["attention_mask"]
     B, W = ids.shape
     if B % fork:
@@ -305,7 +301,16 @@ def _forked_state(policy: Policy, obs: Any, fork: int) -> Any:
     runs = ids.masked_fill(mask == 0, 0).view(B // fork, fork, W), mask.view(B // fork, fork, W)
     if not all(bool((x == x[:, :1]).all()) for x in runs):
         raise ValueError(f"fork={fork}: the start states do not come in runs of {fork} equal rows")
-    return prefill({"input_ids": ids[::fork], "attention_mask": mask[::fork]}, repeats=fork)
+    return {"input_ids": ids[::fork], "attention_mask": mask[::fork]}
+
+
+def _forked_state(policy: Policy, obs: Any, fork: int) -> Any:
+    """The policy's state for ``obs`` whose rows come in runs of ``fork`` equal rows, built
+    from one prefill of the distinct rows (``None`` when the policy cannot fork)."""
+    prefill = getattr(policy, "prefill", None)
+    if prefill is None:
+        return None
+    return prefill(_distinct_starts(obs, fork), repeats=fork)
 
 
 def _resumed_state(policy: Policy, obs: Any, fork: int, source: Any, rows: torch.Tensor) -> Any:
@@ -315,11 +320,7 @@ def _resumed_state(policy: Policy, obs: Any, fork: int, source: Any, rows: torch
     resume = getattr(policy, "prefix_state", None)
     if resume is None or source is None:
         return None
-    distinct = {
-        "input_ids": obs["input_ids"][::fork],
-        "attention_mask": obs["attention_mask"][::fork],
-    }
-    return resume(source, rows, distinct, repeats=fork)
+    return resume(source, rows, _distinct_starts(obs, fork), repeats=fork)
 
 
 class EnvPool:
