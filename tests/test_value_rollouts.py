@@ -206,3 +206,27 @@ def test_trepo_values_with_and_without_cache_reuse(task):
         encoded.append(policy.positions_encoded)
     torch.testing.assert_close(values[0], values[1], atol=1e-5, rtol=0)
     assert encoded[0] < encoded[1]
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_compacted_rollout_samples_the_same_tokens_float64(greedy):
+    """Rows that have ended leave the policy's batch (compact=True): the same episodes
+    (float64), fewer positions decoded."""
+    env, policy = _setup(16, torch.float64)
+    options = {"prompt_indices": list(range(0, 64, 4)), "group_size": 1}
+    streams = stream_ids(2, 0, 0, rows=torch.arange(16))
+    decoded = []
+    results = []
+    for compact in (False, True):
+        before = policy.positions_decoded
+        results.append(
+            rollout(env, policy, options, streams=streams, greedy=greedy, compact=compact)
+        )
+        decoded.append(policy.positions_decoded - before)
+    plain, compacted = results
+    lengths = plain.response_mask.sum(-1)
+    assert int(lengths.min()) < int(lengths.max())  # rows end at different steps
+    assert torch.equal(compacted.input_ids, plain.input_ids)
+    torch.testing.assert_close(compacted.sample_logp, plain.sample_logp, atol=1e-10, rtol=0)
+    torch.testing.assert_close(compacted.rewards, plain.rewards, atol=0, rtol=0)
+    assert decoded[1] < decoded[0] if not greedy else decoded[1] <= decoded[0]

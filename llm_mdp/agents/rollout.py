@@ -224,6 +224,7 @@ def rollout(
     fork: int = 1,
     resume: tuple[Any, torch.Tensor] | None = None,
     keep_state: bool = False,
+    compact: bool = False,
 ) -> Rollout:
     """Reset ``env`` with ``options`` and step it with ``policy`` until every row has ended.
 
@@ -245,6 +246,12 @@ def rollout(
     policy with ``prefix_state`` (:meth:`~llm_mdp.policies.CausalLMPolicy.prefix_state`)
     then starts from that KV cache instead of encoding the prefix (same episodes again).
     ``keep_state`` keeps the policy's final state in :attr:`Rollout.policy_state`.
+
+    ``compact``: once a quarter of the rows the policy runs have ended, a policy with
+    ``select_rows`` (:meth:`~llm_mdp.policies.CausalLMPolicy.select_rows`) drops them
+    from its batch and KV cache, so finished rows stop costing forwards (the env still
+    holds every row). Only with ``streams`` or ``greedy``, where a row's draws are its
+    own: the episodes are the same, only cheaper.
     """
     if streams is not None and env.task.multi_turn and "reply_streams" not in options:
         options = {**options, "reply_streams": stream_ids(REPLY_STREAM_KEY, rows=streams)}
@@ -260,9 +267,26 @@ def rollout(
         state = _forked_state(policy, obs, fork)
     rows = torch.arange(B, device=device)
     col = obs["attention_mask"][:, P:].sum(-1)
+    select = getattr(policy, "select_rows", None) if streams is not None or greedy else None
+    live = rows  # the rows the policy acts on (all, unless compacted)
     while True:
         u = None if streams is None or greedy else counter_uniforms(streams, col)
-        actions, lp, state = policy.act(obs, state, greedy=greedy, uniforms=u)
+        if compact and select is not None and state is not None:
+            running_live = ~done[live]
+            if 4 * int((~running_live).sum()) >= len(live):
+                state = select(state, running_live.nonzero().squeeze(1))
+                live = live[running_live]
+        if len(live) < B:
+            part = {k: v[live] for k, v in obs.items()}
+            a, lp_live, state = policy.act(
+                part, state, greedy=greedy, uniforms=u[live] if u is not None else None
+            )
+            actions = torch.full((B,), env.eos_token_id, dtype=torch.long, device=device)
+            actions[live] = a.to(device)
+            lp = torch.zeros(B, dtype=torch.float32, device=device)
+            lp[live] = lp_live.to(device, torch.float32)
+        else:
+            actions, lp, state = policy.act(obs, state, greedy=greedy, uniforms=u)
         running = ~done
         logp[rows[running], col[running]] = lp.to(device, torch.float32)[running]
         obs, r, term, trunc, info = env.step(actions)
@@ -381,6 +405,7 @@ def rollout_prefixes(
     * each start state is encoded once and its KV cache forked ``copies`` ways
       (``rollout(..., fork=copies)``), or not encoded at all: with ``source`` it starts
       from the KV cache of the rollout that produced it (``rollout(..., resume=...)``);
+    * rows leave the policy's batch as they end (``rollout(..., compact=True)``);
     * start states are sorted by prefix length, longest first, and cut into env batches
       of at most ``batch_size`` rows (default: all in one batch), so rows that can still
       run long share a batch and short ones finish together;
@@ -424,7 +449,8 @@ def rollout_prefixes(
         resume = None
         if source is not None:
             resume = (source[0], torch.tensor([source[1][j] for j in jobs], device=device))
-        ro = rollout(envs.get(len(jobs) * K), policy, options, streams=s, fork=K, resume=resume)
+        env = envs.get(len(jobs) * K)
+        ro = rollout(env, policy, options, streams=s, fork=K, resume=resume, compact=True)
         out[torch.tensor(jobs, device=device)] = ro.rewards.view(len(jobs), K)
     return out
 

@@ -461,6 +461,29 @@ class CausalLMPolicy(TeacherForcedLM, nn.Module):
             logits=rep(logits[:, -1].float()),
         )
 
+    def select_rows(self, state: KVState, rows: torch.Tensor) -> KVState | None:
+        """The state of rows ``rows`` of ``state`` only (the next :meth:`act` then takes
+        the observation of those rows). ``state``'s cache is cut in place, so ``state``
+        itself is spent; ``None`` when the cache type cannot select rows."""
+        select = getattr(state.cache, "batch_select_indices", None)
+        if select is None or state.spent:
+            return None
+        rows = rows.to(state.lengths.device)
+        select(rows)
+        state.spent = True
+        return KVState(
+            cache=state.cache,
+            attention_mask=state.attention_mask[rows],
+            lengths=state.lengths[rows],
+            end=state.end[rows],
+            obs_ids=state.obs_ids[rows],
+            obs_mask=state.obs_mask[rows],
+            actions=state.actions[rows],
+            logits=state.logits[rows],
+            prefills=state.prefills,
+            steps=state.steps,
+        )
+
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> KVState:
         batch, width = ids.shape
         c_ids, c_mask, pos = left_compact(ids, mask)
