@@ -30,8 +30,8 @@ __all__ = [
 CHUNK_ELEMENTS = 6 << 20
 """Logits per chunk (rows x vocabulary): 24 MiB in float32, 125 rows at a 50k vocabulary.
 Much smaller chunks make the head's matmuls skinny and slow (a GRPO update at vocab 50257
-took 1.11x the dense head's time with 41-row chunks, 0.95x with these); larger ones raise
-the peak by their size (``benchmarks/README.md``)."""
+took 1.11-1.19x the dense head's time with 41-row chunks, 0.95-1.00x with these); larger
+ones raise the peak by their size (``benchmarks/README.md``, ``benchmarks/lm_head.py``)."""
 
 
 def _chunk_logits(
