@@ -25,8 +25,7 @@ import torch
 
 import llm_mdp.policies.lm_head as lm_head
 from llm_mdp.agents import get_agent
-from llm_mdp.bench.common import bench_model, wide_task
-from llm_mdp.envs import LLMTokenVectorEnv
+from llm_mdp.bench.common import wide_env_model
 from llm_mdp.policies import CausalLMPolicy
 
 
@@ -44,20 +43,14 @@ def main() -> None:
     if args.rounds < 2:
         ap.error(f"--rounds={args.rounds}: expected at least 2 (the first is warm-up)")
     torch.set_num_threads(1)
-    task = wide_task(args.vocab, n_prompts=64, new_tokens=args.length, reward="target")
     variants: dict[str, int | None] = {"dense": None}
     variants |= {f"{mib} MiB": mib << 18 for mib in args.chunks_mib}  # float32 logits
     agents = {}
     for label, elements in variants.items():
-        env = LLMTokenVectorEnv(task, args.batch, info_text=False)
-        model = bench_model(
-            args.vocab,
-            (4, 256),
-            max_positions=env.W + 8,
-            pad_token_id=env.pad_token_id,
-            eos_token_id=env.eos_token_id,
+        env, model = wide_env_model(
+            args.vocab, args.batch, args.length, (4, 256), n_prompts=64, reward="target"
         )
-        policy = CausalLMPolicy(model, task.tokenizer, seed=0, chunked_head=elements is not None)
+        policy = CausalLMPolicy(model, env.tokenizer, seed=0, chunked_head=elements is not None)
         cls = get_agent(args.agent)
         config = {"ppo": {"epochs": 1}, "trepo": {"kl_coef": 0.04}}.get(args.agent, {})
         agents[label] = cls(env, policy, cls.config_class.from_dict(config))

@@ -388,3 +388,30 @@ def machine(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def wide_env_model(
+    vocab_size: int,
+    batch: int,
+    new_tokens: int,
+    model_size: tuple[int, int],
+    *,
+    n_prompts: int,
+    reward: str = "zero",
+    device: torch.device | str = "cpu",
+) -> tuple[Any, Any]:
+    """``(env, model)``: an ``LLMTokenVectorEnv`` of ``batch`` rows on :func:`wide_task`
+    and the :func:`bench_model` that fits it (positions for the env's width)."""
+    from llm_mdp.envs import LLMTokenVectorEnv
+
+    task = wide_task(vocab_size, n_prompts=n_prompts, new_tokens=new_tokens, reward=reward)
+    env = LLMTokenVectorEnv(task, batch, device=device, info_text=False)
+    model = bench_model(
+        vocab_size,
+        model_size,
+        max_positions=env.W + 8,
+        pad_token_id=env.pad_token_id,
+        eos_token_id=env.eos_token_id,
+        device=device,
+    )
+    return env, model

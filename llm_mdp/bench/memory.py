@@ -133,7 +133,7 @@ def release_free_memory() -> bool:
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Run in a fresh process: one agent's updates on the spec's model and batch."""
     from llm_mdp.agents import get_agent
-    from llm_mdp.bench.common import bench_model, wide_task
+    from llm_mdp.bench.common import wide_env_model
     from llm_mdp.envs import LLMTokenVectorEnv
     from llm_mdp.policies import CausalLMPolicy
     from llm_mdp.utils import resolve_device
@@ -153,17 +153,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         policy = CausalLMPolicy(model, tok, vocab_size=len(tok), seed=0, chunked_head=chunked)
     else:
         vocab, model_size = int(spec["vocab"]), (int(spec["model"][0]), int(spec["model"][1]))
-        task = wide_task(vocab, n_prompts=64, new_tokens=length, reward="target")
-        env = LLMTokenVectorEnv(task, batch, device=device, info_text=False)
-        model = bench_model(
-            vocab,
-            model_size,
-            max_positions=env.W + 8,
-            pad_token_id=env.pad_token_id,
-            eos_token_id=env.eos_token_id,
-            device=device,
+        env, model = wide_env_model(
+            vocab, batch, length, model_size, n_prompts=64, reward="target", device=device
         )
-        policy = CausalLMPolicy(model, task.tokenizer, seed=0, chunked_head=chunked)
+        policy = CausalLMPolicy(model, env.tokenizer, seed=0, chunked_head=chunked)
     cls = get_agent(spec["agent"])
     config = cls.config_class.from_dict(dict(spec.get("config") or {}))
     _warm_up(policy, env)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from llm_mdp.bench.common import bench_model, timed_side_by_side, wide_task
+from llm_mdp.bench.common import timed_side_by_side, wide_env_model
 from llm_mdp.envs import LLMTokenVectorEnv
 from llm_mdp.policies import CausalLMPolicy, sample_categorical
 
@@ -94,17 +94,10 @@ def bench_rollout_cell(
     sampler: bool = True,
 ) -> dict[str, Any]:
     """One (vocab, batch) cell: tokens/s of env+act, act only and generate, and ratios."""
-    task = wide_task(vocab, n_prompts=batch, new_tokens=new_tokens)
-    env = LLMTokenVectorEnv(task, batch, device=device, info_text=False)
-    model = bench_model(
-        vocab,
-        model_size,
-        max_positions=env.W + 8,
-        pad_token_id=env.pad_token_id,
-        eos_token_id=env.eos_token_id,
-        device=device,
+    env, model = wide_env_model(
+        vocab, batch, new_tokens, model_size, n_prompts=batch, device=device
     )
-    policy = CausalLMPolicy(model, task.tokenizer, seed=0)
+    policy = CausalLMPolicy(model, env.tokenizer, seed=0)
     idx = list(range(batch))
     obs0, _ = env.reset(options={"prompt_indices": idx})
     env_ids, env_mask = obs0["input_ids"], obs0["attention_mask"]
