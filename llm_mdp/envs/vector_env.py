@@ -45,7 +45,8 @@ import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from llm_mdp.envs.turns import answer_turns, write_multi_turn_prefixes
+from llm_mdp.envs.prefixes import write_prefixes
+from llm_mdp.envs.turns import answer_turns
 from llm_mdp.tasks import ResponseBatch, Task, make_task
 from llm_mdp.tasks.turns import describe_turns
 from llm_mdp.utils import resolve_device
@@ -292,7 +293,7 @@ class LLMTokenVectorEnv(VectorEnv):
         self._set_reply_streams(rows, options.get("reply_streams"))
         prefix = options.get("response_prefix")
         if prefix is not None:
-            self._write_prefix(rows, prefix)
+            write_prefixes(self, rows, prefix)
 
     def _prompt_rows(
         self, options: dict[str, Any], n: int
@@ -348,54 +349,6 @@ class LLMTokenVectorEnv(VectorEnv):
             self.reply_streams = torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
         self.reply_streams[rows] = s
         self.has_reply_stream[rows] = True
-
-    def _write_prefix(self, rows: torch.Tensor, prefix: Any) -> None:
-        if isinstance(prefix, str | bytes) or len(prefix) != rows.numel():
-            raise ValueError(
-                f"response_prefix must hold one list of token ids per reset row "
-                f"({rows.numel()}), got {prefix!r:.80}"
-            )
-        lists = []
-        for i, raw in zip(rows.tolist(), prefix, strict=True):
-            arr = np.asarray(raw.cpu() if isinstance(raw, torch.Tensor) else raw)
-            if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
-                raise TypeError(
-                    f"response_prefix of row {i} is {raw!r:.80}; expected a list of integer "
-                    "token ids"
-                )
-            p = arr.astype(np.int64).tolist()
-            if len(p) >= self.R:
-                raise ValueError(
-                    f"response_prefix of row {i} has {len(p)} tokens; a non-terminal state "
-                    f"has fewer than max_response_tokens={self.R}"
-                )
-            lists.append(p)
-        if self.task.multi_turn:
-            write_multi_turn_prefixes(self, rows.tolist(), lists)
-            return
-        # one batched check and write (per-token Python work here would cost more than
-        # the rollout on small models: TRePO resets hundreds of prefixes per update)
-        lengths = [len(p) for p in lists]
-        width = max(lengths, default=0)
-        if width:
-            block = torch.tensor([p + [self.pad_token_id] * (width - len(p)) for p in lists])
-            filled = torch.arange(width) < torch.tensor(lengths).unsqueeze(1)
-            inside = (block >= 0) & (block < self.vocab_size)
-            legal = self.action_mask.cpu()[block.clamp(0, self.vocab_size - 1)] & inside
-            bad = filled & (~legal | (block == self.eos_token_id))
-            if bool(bad.any()):
-                r, c = (int(x) for x in bad.nonzero()[0])
-                t = int(block[r, c])
-                name = self._token_name(t) if 0 <= t < self.vocab_size else "not a token"
-                raise ValueError(
-                    f"response_prefix of row {rows.tolist()[r]} contains token {t} ({name}); "
-                    f"expected legal non-EOS actions in [0, {self.vocab_size})"
-                )
-            cols = slice(self.P, self.P + width)
-            self.ids[rows, cols] = torch.where(filled, block, self.pad_token_id).to(self.device)
-            self.mask[rows, cols] = filled.long().to(self.device)
-            self.policy_flags[rows, cols] = filled.long().to(self.device)
-            self.response_len[rows] = torch.tensor(lengths, device=self.device)
 
     # ------------------------------------------------------------------ step
     def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
