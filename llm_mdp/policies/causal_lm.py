@@ -373,20 +373,7 @@ class CausalLMPolicy(TeacherForcedLM, nn.Module):
             rep = ids.repeat_interleave(repeats, 0), mask.repeat_interleave(repeats, 0)
             return self._prefill(*rep)
         fork(repeats)  # in place
-
-        def rep_t(x: torch.Tensor) -> torch.Tensor:
-            return x.repeat_interleave(repeats, 0)
-
-        return KVState(
-            cache=st.cache,
-            attention_mask=rep_t(st.attention_mask),
-            lengths=rep_t(st.lengths),
-            end=rep_t(st.end),
-            obs_ids=rep_t(st.obs_ids),
-            obs_mask=rep_t(st.obs_mask),
-            actions=rep_t(st.actions),
-            logits=rep_t(st.logits),
-        )
+        return _state_rows(st, _repeated(len(st.lengths), repeats, st.lengths.device))
 
     @torch.no_grad()
     def prefix_state(
@@ -444,22 +431,20 @@ class CausalLMPolicy(TeacherForcedLM, nn.Module):
         logits, cache = self._forward(
             last, c_mask, (lengths - 1)[:, None], keep=1, cache=cache, use_cache=True
         )
-        if repeats > 1:
-            cache.batch_repeat_interleave(repeats)  # in place, on our own copy
-
-        def rep(x: torch.Tensor) -> torch.Tensor:
-            return x.repeat_interleave(repeats, 0) if repeats > 1 else x
-
-        return KVState(
+        st = KVState(
             cache=cache,
-            attention_mask=rep(c_mask),
-            lengths=rep(lengths),
-            end=rep(end),
-            obs_ids=rep(ids),
-            obs_mask=rep(mask.clone()),
-            actions=torch.zeros(n * repeats, dtype=torch.long, device=ids.device),
-            logits=rep(logits[:, -1].float()),
+            attention_mask=c_mask,
+            lengths=lengths,
+            end=end,
+            obs_ids=ids,
+            obs_mask=mask.clone(),
+            actions=torch.zeros(n, dtype=torch.long, device=ids.device),
+            logits=logits[:, -1].float(),
         )
+        if repeats == 1:
+            return st
+        cache.batch_repeat_interleave(repeats)  # in place, on our own copy
+        return _state_rows(st, _repeated(n, repeats, ids.device))
 
     def select_rows(self, state: KVState, rows: torch.Tensor) -> KVState | None:
         """The state of rows ``rows`` of ``state`` only (the next :meth:`act` then takes
@@ -471,18 +456,7 @@ class CausalLMPolicy(TeacherForcedLM, nn.Module):
         rows = rows.to(state.lengths.device)
         select(rows)
         state.spent = True
-        return KVState(
-            cache=state.cache,
-            attention_mask=state.attention_mask[rows],
-            lengths=state.lengths[rows],
-            end=state.end[rows],
-            obs_ids=state.obs_ids[rows],
-            obs_mask=state.obs_mask[rows],
-            actions=state.actions[rows],
-            logits=state.logits[rows],
-            prefills=state.prefills,
-            steps=state.steps,
-        )
+        return _state_rows(state, rows)
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> KVState:
         batch, width = ids.shape
@@ -560,3 +534,25 @@ class CausalLMPolicy(TeacherForcedLM, nn.Module):
             prefills=st.prefills,
             steps=st.steps + 1,
         )
+
+
+def _repeated(n: int, repeats: int, device: torch.device) -> torch.Tensor:
+    """``[0]*repeats + [1]*repeats + ...``: the row index of ``repeat_interleave``."""
+    return torch.arange(n, device=device).repeat_interleave(repeats)
+
+
+def _state_rows(st: KVState, index: torch.Tensor) -> KVState:
+    """``st`` with every per-row tensor taken at ``index`` (a selection or a repetition of
+    rows); the cache is ``st``'s, which the caller has already cut or forked to match."""
+    return KVState(
+        cache=st.cache,
+        attention_mask=st.attention_mask[index],
+        lengths=st.lengths[index],
+        end=st.end[index],
+        obs_ids=st.obs_ids[index],
+        obs_mask=st.obs_mask[index],
+        actions=st.actions[index],
+        logits=st.logits[index],
+        prefills=st.prefills,
+        steps=st.steps,
+    )
